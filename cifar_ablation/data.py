@@ -1,0 +1,228 @@
+"""Images in, device batches out.
+
+load_images() reads CIFAR-10 (torchvision's format, downloaded when possible) or an image folder / archive
+laid out train/<class>/*, test/<class>/*, decodes it once into a uint8 tensor cache keyed by the source's
+checksum, and returns it (optionally a stratified subset). DeviceLoader holds a split whole on the device
+and yields normalized, shuffled, augmented batches in a few batched tensor ops, airbench-style.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator
+
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+from .config import abspath
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+CACHE_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """The data cannot be read as asked; the message says what to do."""
+
+
+@dataclass
+class Images:
+    train_x: torch.Tensor  # (N, 3, H, W) uint8
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    source: str            # what was read: a path or "cifar10:<root>"
+    checksum: str          # sha256 of the source (archive bytes, or every file's name and bytes)
+
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std of the training images, in [0, 1] units."""
+        x = self.train_x.double() / 255
+        return x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+
+
+# --- sources ---------------------------------------------------------------------------------------------
+
+def sha256_files(paths: list[Path], root: Path | None = None) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        if root is not None:
+            h.update(str(p.relative_to(root)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _member_key(name: str) -> tuple[str, str, str] | None:
+    """(split, class, file) for an image at [prefix/]split/class/file; None for anything else."""
+    parts = PurePosixPath(name).parts
+    for i in range(len(parts) - 2):
+        if parts[i] in SPLITS and len(parts) - i == 3 and name.lower().endswith(IMAGE_SUFFIXES):
+            return parts[i], parts[i + 1], parts[i + 2]
+    return None
+
+
+def _archive_members(path: Path) -> Iterator[tuple[tuple[str, str, str], bytes]]:
+    with tarfile.open(path, "r:*") as tar:
+        for m in tar:
+            name = m.name
+            if name.startswith("/") or ".." in PurePosixPath(name).parts:
+                raise DataError(f"refusing archive {path}: member {name!r} points outside the archive")
+            if m.issym() or m.islnk():
+                raise DataError(f"refusing archive {path}: member {name!r} is a link")
+            key = _member_key(name)
+            if key and m.isfile():
+                yield key, tar.extractfile(m).read()
+
+
+def _folder_members(path: Path) -> Iterator[tuple[tuple[str, str, str], bytes]]:
+    for split in SPLITS:
+        for f in sorted((path / split).glob("*/*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                yield (split, f.parent.name, f.name), f.read_bytes()
+
+
+def decode_imagefolder(path: Path) -> dict[str, Any]:
+    members = _archive_members(path) if path.is_file() else _folder_members(path)
+    items: dict[str, list[tuple[str, str, torch.Tensor]]] = {s: [] for s in SPLITS}
+    try:
+        for (split, cls, name), raw in members:
+            img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            items[split].append((cls, name, img))
+    except (tarfile.TarError, EOFError, OSError, RuntimeError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"cannot read {path}: {e} (truncated or corrupt? re-copy it)") from e
+    classes = sorted({c for c, _, _ in items["train"]})
+    if not classes or not items["test"]:
+        raise DataError(f"{path} holds no images laid out train/<class>/* and test/<class>/* "
+                        f"(found {len(items['train'])} train, {len(items['test'])} test images)")
+    out: dict[str, Any] = {"classes": classes}
+    for split in SPLITS:
+        rows = sorted(items[split], key=lambda r: (r[0], r[1]))
+        unknown = {c for c, _, _ in rows} - set(classes)
+        if unknown:
+            raise DataError(f"{path}: test classes {sorted(unknown)} have no training images")
+        shapes = {tuple(img.shape) for _, _, img in rows}
+        if len(shapes) != 1:
+            raise DataError(f"{path}: images of several sizes {sorted(shapes)[:3]}...; all must be equal")
+        out[f"{split}_x"] = torch.stack([img for _, _, img in rows])
+        out[f"{split}_y"] = torch.tensor([classes.index(c) for c, _, _ in rows], dtype=torch.int64)
+    return out
+
+
+def decode_cifar10(root: Path, download: bool) -> dict[str, Any]:
+    from torchvision.datasets import CIFAR10
+    try:
+        splits = {s: CIFAR10(str(root), train=(s == "train"), download=download) for s in SPLITS}
+    except Exception as e:  # URLError offline, RuntimeError "Dataset not found or corrupted"
+        raise DataError(
+            f"CIFAR-10 is not under {root} and could not be downloaded ({type(e).__name__}: {e}). "
+            "Offline? Put torchvision's cifar-10-batches-py under data.root=DIR, or train from a local copy laid "
+            "out train/<class>/*, test/<class>/*: data=imagefolder data.path=PATH "
+            "(e.g. data.path=../shared/data/cifar10-jpeg.tar.gz).") from e
+    out: dict[str, Any] = {"classes": list(splits["train"].classes)}
+    for s, ds in splits.items():
+        out[f"{s}_x"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        out[f"{s}_y"] = torch.tensor(ds.targets, dtype=torch.int64)
+    return out
+
+
+# --- cache ------------------------------------------------------------------------------------------------
+
+def tensor_digest(t: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        h.update(t[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached(cache_file: Path, decode: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Load the decoded tensors from cache_file, verifying their digest; (re)build it when absent or corrupt."""
+    if cache_file.exists():
+        try:
+            t = torch.load(cache_file, weights_only=True)
+            if t.get("version") == CACHE_VERSION and t.get("digest") == tensor_digest(t):
+                return t
+            log.warning("cache %s failed its checksum; rebuilding it", cache_file)
+        except Exception as e:  # truncated or not a torch file
+            log.warning("cache %s is unreadable (%s); rebuilding it", cache_file, e)
+    log.info("decoding images once into %s", cache_file)
+    t = decode()
+    t["version"], t["digest"] = CACHE_VERSION, tensor_digest(t)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+    torch.save(t, tmp)
+    os.replace(tmp, cache_file)  # atomic: concurrent jobs never read a half-written cache
+    return t
+
+
+def stratified_subset(y: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the first n images taking classes in turn: the first ~n/K of every class, in index order."""
+    rank = torch.empty_like(y)
+    for c in y.unique():
+        idx = (y == c).nonzero().squeeze(1)
+        rank[idx] = torch.arange(len(idx))
+    keep = torch.argsort(rank * len(y) + torch.arange(len(y)))[:n]
+    return keep.sort().values
+
+
+def load_images(data_cfg: Any) -> Images:
+    cache_dir = abspath(data_cfg.cache_dir)
+    if data_cfg.name == "cifar10":
+        root = abspath(data_cfg.root)
+        files = sorted((root / "cifar-10-batches-py").glob("*_batch*"))
+        if not files:  # not there yet: let torchvision download it (or explain why it can't)
+            decode_cifar10(root, bool(data_cfg.download))
+            files = sorted((root / "cifar-10-batches-py").glob("*_batch*"))
+        checksum, source = sha256_files(files, root), f"cifar10:{root}"
+        t = cached(cache_dir / f"cifar10-{checksum[:16]}.pt", lambda: decode_cifar10(root, False))
+    else:
+        path = abspath(data_cfg.path)
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        checksum, source = sha256_files(files, None if path.is_file() else path), str(path)
+        t = cached(cache_dir / f"imagefolder-{checksum[:16]}.pt", lambda: decode_imagefolder(path))
+    images = Images(t["train_x"], t["train_y"], t["test_x"], t["test_y"], list(t["classes"]), source, checksum)
+    if data_cfg.subset is not None and data_cfg.subset < len(images.train_y):
+        keep = stratified_subset(images.train_y, int(data_cfg.subset))
+        images.train_x, images.train_y = images.train_x[keep], images.train_y[keep]
+    if data_cfg.val_subset is not None and data_cfg.val_subset < len(images.test_y):
+        keep = stratified_subset(images.test_y, int(data_cfg.val_subset))
+        images.test_x, images.test_y = images.test_x[keep], images.test_y[keep]
+    return images
+
+
+# --- device batches --------------------------------------------------------------------------------------
+
+class DeviceLoader:
+    """One split held whole on the device as uint8. Each epoch: one permutation (training) or none
+    (evaluation); each batch: gather, normalize with the training set's mean/std, then `augment`
+    (the batch tricks, training only). drop_last keeps every training batch full (BatchNorm needs > 1)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int,
+                 device: torch.device, *, train: bool = False, gen: torch.Generator | None = None,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.x, self.y = x.to(device), y.to(device)
+        self.scale = (1 / (255 * std)).to(device).view(1, -1, 1, 1)
+        self.shift = (mean / std).to(device).view(1, -1, 1, 1)
+        self.batch_size, self.train, self.gen, self.augment = min(batch_size, len(y)), train, gen, augment
+
+    def __len__(self) -> int:
+        n, b = len(self.y), self.batch_size
+        return n // b if self.train else -(-n // b)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, b = len(self.y), self.batch_size
+        order = torch.randperm(n, generator=self.gen, device=self.x.device) if self.train else None
+        for i in range(len(self)):
+            idx = order[i * b:(i + 1) * b] if order is not None else slice(i * b, (i + 1) * b)
+            x = self.x[idx].float() * self.scale - self.shift
+            if self.augment is not None:
+                x = self.augment(x)
+            yield x, self.y[idx]

@@ -1,0 +1,196 @@
+"""MLflow bookkeeping: the store and experiment (made once, before jobs start), one run per Hydra job,
+a parent run per sweep, and true end states (FINISHED, FAILED with the reason, KILLED) on every path.
+
+Everything goes through MlflowClient with explicit run ids, so concurrent jobs and the in-process basic
+launcher never share fluent "active run" state.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import subprocess
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from hydra.experimental.callback import Callback
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from .config import rung, semantic_hash
+
+log = logging.getLogger(__name__)
+PARENT_ENV = "CIFAR_ABLATION_SWEEP_RUN"   # the sweep's parent run id, inherited by every job process
+ROLE, SWEEP, JOB, REPORT = "cifar_ablation.role", "sweep", "job", "report"
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so the run is closed as KILLED (like KeyboardInterrupt for SIGINT)."""
+
+
+def client_for(uri: str) -> MlflowClient:
+    if uri.startswith("sqlite:///"):  # sqlite will not create the database's folder itself
+        Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:
+    """Create the store's schema and the experiment if needed; return the experiment id. Call it once in the
+    launching process (SweepTracking does) before jobs start: sqlite stores created by racing processes
+    break, and racing set_experiment calls can misfile runs. Artifacts go to ./mlruns/<experiment id>."""
+    client = client_for(cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is not None:
+        return client, exp.experiment_id
+    try:
+        return client, client.create_experiment(cfg.mlflow.experiment)
+    except MlflowException:  # another launcher made it first
+        return client, client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = str(node)[:6000]
+    walk(plain, "")
+    return out
+
+
+class SweepTracking(Callback):
+    """Hydra callback, run in the launching process: prepares the store before any job starts; for a
+    multirun, opens a parent run that every job nests under, and closes it with the sweep's true state."""
+
+    def __init__(self) -> None:
+        self.client: MlflowClient | None = None
+        self.parent: str | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        open_experiment(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.client, exp_id = open_experiment(config)
+        name = f"sweep {config.ablation.design} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        run = self.client.create_run(exp_id, run_name=name, tags={ROLE: SWEEP, "design": config.ablation.design})
+        self.parent = run.info.run_id
+        self.client.set_tag(self.parent, "sweep_id", self.parent)
+        os.environ[PARENT_ENV] = self.parent
+        atexit.register(self.close, interrupted=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self, interrupted: bool = False) -> None:
+        """FINISHED when every job finished; FAILED (interrupted or some job did not finish) otherwise."""
+        if self.parent is None:
+            return
+        parent, self.parent = self.parent, None
+        os.environ.pop(PARENT_ENV, None)
+        exp_id = self.client.get_run(parent).info.experiment_id
+        jobs = self.client.search_runs([exp_id], f"tags.sweep_id = '{parent}' and tags.`{ROLE}` = '{JOB}'")
+        counts: dict[str, int] = {}
+        for r in jobs:
+            counts[r.info.status] = counts.get(r.info.status, 0) + 1
+        self.client.set_tag(parent, "job_states", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+        ok = not interrupted and set(counts) <= {"FINISHED"}
+        if not ok:
+            self.client.set_tag(parent, "failure_reason", "the sweep ended early: a job raised, or the launcher was stopped"
+                                if interrupted else
+                                "some jobs did not finish: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        self.client.set_terminated(parent, "FINISHED" if ok else "FAILED")
+
+
+class JobRun:
+    """The MLflow run of one Hydra job."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+
+def job_tags(cfg: DictConfig, tricks: list[str]) -> dict[str, str]:
+    r = rung(tricks, cfg.ablation.order)
+    return {ROLE: JOB, "tricks": ",".join(tricks) or "baseline", "rung": "-" if r is None else str(r),
+            "trick_added": (tricks[-1] if tricks else "baseline") if r is not None else "-",
+            "seed": str(cfg.seed), "design": cfg.ablation.design, "config_hash": semantic_hash(cfg),
+            "git_commit": git_commit()}
+
+
+def finished_run(client: MlflowClient, exp_id: str, config_hash: str):
+    runs = client.search_runs([exp_id], f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'",
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+@contextmanager
+def job_run(cfg: DictConfig, tricks: list[str]) -> Iterator[JobRun]:
+    """Open the job's run; close it FINISHED, FAILED (reason tag + traceback artifact) or KILLED."""
+    client, exp_id = open_experiment(cfg)
+    tags = job_tags(cfg, tricks)
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} s{cfg.seed}", tags=tags).info.run_id
+    tags["sweep_id"] = parent or run_id  # a single run is a sweep of one
+    client.set_tag(run_id, "sweep_id", tags["sweep_id"])
+    params = [Param(k, v) for k, v in flat_params(cfg).items()]
+    for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals to the host
+        previous = None
+    status = "FAILED"
+    try:
+        yield JobRun(client, run_id)
+        status = "FINISHED"
+    except (KeyboardInterrupt, Terminated) as e:
+        status = "KILLED"
+        client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: interrupted by signal")
+        raise
+    except BaseException as e:
+        client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: {e}"[:5000])
+        client.log_text(run_id, traceback.format_exc(), "traceback.txt")
+        raise
+    finally:
+        client.set_terminated(run_id, status)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")

@@ -1,0 +1,138 @@
+"""The generalization tricks of the slides, one hook each.
+
+A trick is `conf/trick/<name>.yaml` (its parameters, under the key <name>) plus one function here,
+registered with `@trick(stage, **checks)` under the function's name. The stage says where it acts:
+
+  arch   edits the model description before the model is built   (batchnorm, dropout, instancenorm, capacity)
+  batch  transforms a training batch on the device, per image     (flip, crop, noise)
+  loss   returns a term added to the training loss                (l1l2)
+
+The checks name each parameter and what values it allows; config.validate runs them before training.
+Batch hooks only ever see training batches: evaluation data is never augmented.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torchvision.ops import roi_align
+
+from .config import Check, interval, number, one_of
+from .model import Arch, kernels
+
+
+@dataclass(frozen=True)
+class Trick:
+    name: str
+    stage: str  # "arch" | "batch" | "loss"
+    hook: Callable
+    checks: dict[str, Check] = field(default_factory=dict)
+
+
+TRICKS: dict[str, Trick] = {}
+
+
+def trick(stage: str, **checks: Check) -> Callable:
+    def register(fn: Callable) -> Callable:
+        TRICKS[fn.__name__] = Trick(fn.__name__, stage, fn, checks)
+        return fn
+    return register
+
+
+def _chosen(tricks_cfg: Any, stage: str) -> list[tuple[Trick, Any]]:
+    return [(t, tricks_cfg[name]) for name, t in TRICKS.items() if t.stage == stage and name in tricks_cfg]
+
+
+def edit_arch(arch: Arch, tricks_cfg: Any) -> Arch:
+    for t, cfg in _chosen(tricks_cfg, "arch"):
+        t.hook(arch, cfg)
+    return arch
+
+
+def augment(x: torch.Tensor, tricks_cfg: Any, gen: torch.Generator) -> torch.Tensor:
+    """Apply the chosen batch tricks in registration order: geometry first (flip, crop), then noise."""
+    for t, cfg in _chosen(tricks_cfg, "batch"):
+        x = t.hook(x, cfg, gen)
+    return x
+
+
+def penalty(model: torch.nn.Module, tricks_cfg: Any) -> torch.Tensor | None:
+    terms = [t.hook(model, cfg) for t, cfg in _chosen(tricks_cfg, "loss")]
+    return sum(terms) if terms else None
+
+
+def _coin(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """One Bernoulli(p) draw per image, shaped to broadcast over (C, H, W)."""
+    return (torch.rand(x.shape[0], generator=gen, device=x.device) < p).view(-1, 1, 1, 1)
+
+
+# --- arch --------------------------------------------------------------------------------------------
+
+@trick("arch", momentum=number(0, 1, lo_open=True), eps=number(0, lo_open=True))
+def batchnorm(arch: Arch, cfg: Any) -> None:
+    arch.batchnorm, arch.bn_momentum, arch.bn_eps = True, float(cfg.momentum), float(cfg.eps)
+
+
+@trick("arch", p=number(0, 1, hi_open=True), conv_p=number(0, 1, hi_open=True))
+def dropout(arch: Arch, cfg: Any) -> None:
+    arch.dense_dropout, arch.conv_dropout = float(cfg.p), float(cfg.conv_p)
+
+
+@trick("arch", position=one_of("input", "blocks"))
+def instancenorm(arch: Arch, cfg: Any) -> None:
+    arch.instancenorm = cfg.position
+
+
+@trick("arch", width_mult=number(0, lo_open=True), dense_mult=number(0, lo_open=True))
+def capacity(arch: Arch, cfg: Any) -> None:
+    arch.widths = [max(1, round(w * cfg.width_mult)) for w in arch.widths]
+    arch.dense = max(1, round(arch.dense * cfg.dense_mult))
+
+
+# --- batch (registration order is application order) -------------------------------------------------
+
+@trick("batch", p=number(0, 1))
+def flip(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:
+    return torch.where(_coin(x, cfg.p, gen), x.flip(3), x)
+
+
+def crop_boxes(n: int, size: int, cfg: Any, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """RandomResizedCrop's boxes, batched: area fraction ~ U(scale), aspect ~ logU(ratio), position ~ U.
+    Sides are clamped to the image (torchvision retries instead; the clamp only bites at ratio extremes
+    near scale 1). Returns (n, 4) boxes x1, y1, x2, y2 in pixels; images not drawn (1 - p) keep the full box."""
+    u = torch.rand(n, 5, generator=gen, device=device)
+    area = cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * u[:, 0]
+    log_r = math.log(cfg.ratio[0]) + (math.log(cfg.ratio[1]) - math.log(cfg.ratio[0])) * u[:, 1]
+    w = (area * log_r.exp()).sqrt().clamp(max=1.0) * size
+    h = (area / log_r.exp()).sqrt().clamp(max=1.0) * size
+    x1, y1 = (size - w) * u[:, 2], (size - h) * u[:, 3]
+    boxes = torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+    full = torch.tensor([0.0, 0.0, size, size], device=device)
+    return torch.where((u[:, 4] < cfg.p).unsqueeze(1), boxes, full)
+
+
+@trick("batch", p=number(0, 1), scale=interval(0, 1, lo_open=True), ratio=interval(0, None, lo_open=True))
+def crop(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:
+    n, _, size, _ = x.shape
+    boxes = crop_boxes(n, size, cfg, gen, x.device)
+    index = torch.arange(n, device=x.device, dtype=boxes.dtype).unsqueeze(1)
+    # aligned=True and one sample per output pixel make roi_align a bilinear resize of each box
+    # (the full box reproduces the image exactly).
+    return roi_align(x, torch.cat([index, boxes], 1), output_size=size, spatial_scale=1.0,
+                     sampling_ratio=1, aligned=True)
+
+
+@trick("batch", p=number(0, 1), std=number(0))
+def noise(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:
+    eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return x + _coin(x, cfg.p, gen) * eps * cfg.std
+
+
+# --- loss ----------------------------------------------------------------------------------------------
+
+@trick("loss", l1=number(0), l2=number(0))
+def l1l2(model: torch.nn.Module, cfg: Any) -> torch.Tensor:
+    ws = kernels(model)
+    return cfg.l1 * sum(w.abs().sum() for w in ws) + cfg.l2 * sum(w.pow(2).sum() for w in ws)

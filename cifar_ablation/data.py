@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -117,21 +118,30 @@ def decode_imagefolder(path: Path) -> dict[str, Any]:
     return out
 
 
-def decode_cifar10(root: Path, download: bool) -> dict[str, Any]:
+def read_cifar10_batches(folder: Path) -> dict[str, Any]:
+    """torchvision's CIFAR-10 python format: pickled dicts of 'data' (N x 3072 uint8) and 'labels'."""
+    def read(name: str) -> dict:
+        with open(folder / name, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    out: dict[str, Any] = {"classes": list(read("batches.meta")["label_names"])}
+    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        batches = [read(n) for n in names]
+        out[f"{split}_x"] = torch.cat([torch.from_numpy(b["data"]).view(-1, 3, 32, 32) for b in batches])
+        out[f"{split}_y"] = torch.tensor([y for b in batches for y in b["labels"]], dtype=torch.int64)
+    return out
+
+
+def download_cifar10(root: Path) -> None:
+    """torchvision downloads, checks (md5) and unpacks cifar-10-batches-py under root."""
     from torchvision.datasets import CIFAR10
     try:
-        splits = {s: CIFAR10(str(root), train=(s == "train"), download=download) for s in SPLITS}
-    except Exception as e:  # URLError offline, RuntimeError "Dataset not found or corrupted"
+        CIFAR10(str(root), train=True, download=True)
+    except Exception as e:  # URLError offline, HTTP errors, md5 mismatch
         raise DataError(
-            f"CIFAR-10 is not under {root} and could not be downloaded ({type(e).__name__}: {e}). "
-            "Offline? Put torchvision's cifar-10-batches-py under data.root=DIR, or train from a local copy laid "
-            "out train/<class>/*, test/<class>/*: data=imagefolder data.path=PATH "
+            f"CIFAR-10 is not under {root} and could not be downloaded ({type(e).__name__}: {e}). Offline? "
+            "Put torchvision's cifar-10-batches-py under data.root=DIR, or train from a local copy laid out "
+            "train/<class>/*, test/<class>/*: data=imagefolder data.path=PATH "
             "(e.g. data.path=../shared/data/cifar10-jpeg.tar.gz).") from e
-    out: dict[str, Any] = {"classes": list(splits["train"].classes)}
-    for s, ds in splits.items():
-        out[f"{s}_x"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        out[f"{s}_y"] = torch.tensor(ds.targets, dtype=torch.int64)
-    return out
 
 
 # --- cache ------------------------------------------------------------------------------------------------
@@ -177,12 +187,17 @@ def load_images(data_cfg: Any) -> Images:
     cache_dir = abspath(data_cfg.cache_dir)
     if data_cfg.name == "cifar10":
         root = abspath(data_cfg.root)
-        files = sorted((root / "cifar-10-batches-py").glob("*_batch*"))
-        if not files:  # not there yet: let torchvision download it (or explain why it can't)
-            decode_cifar10(root, bool(data_cfg.download))
-            files = sorted((root / "cifar-10-batches-py").glob("*_batch*"))
+        folder = root / "cifar-10-batches-py"
+        if not (folder / "test_batch").exists():
+            if not data_cfg.download:
+                raise DataError(f"CIFAR-10 is not under {root} (no {folder}/test_batch) and data.download=false. "
+                                "Set data.download=true, point data.root at the folder holding cifar-10-batches-py, "
+                                "or use a local image copy: data=imagefolder data.path=PATH "
+                                "(e.g. data.path=../shared/data/cifar10-jpeg.tar.gz).")
+            download_cifar10(root)
+        files = sorted(folder.glob("*batch*"))
         checksum, source = sha256_files(files, root), f"cifar10:{root}"
-        t = cached(cache_dir / f"cifar10-{checksum[:16]}.pt", lambda: decode_cifar10(root, False))
+        t = cached(cache_dir / f"cifar10-{checksum[:16]}.pt", lambda: read_cifar10_batches(folder))
     else:
         path = abspath(data_cfg.path)
         files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]

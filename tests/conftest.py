@@ -1,0 +1,117 @@
+"""Shared fixtures: configs composed the way the app composes them, tiny synthetic datasets in each format,
+the real JPEG CIFAR-10 mirror, and a runner for the real CLI."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import cifar_ablation  # noqa: F401  (registers the design_sweep resolver)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+JPEG_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CLASSES = ["cat", "dog", "frog"]
+# Small and fast for every CLI job: a two-block net on 200 training and 60 validation images.
+TINY = ["model.widths=[8,16]", "model.dense=32", "train.batch_size=50", "train.eval_batch_size=100",
+        "train.epochs=2", "device=cpu", "data.subset=200", "data.val_subset=60"]
+
+
+@pytest.fixture
+def make_cfg():
+    def make(*overrides: str, hydra: bool = False):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+    return make
+
+
+def synthetic_images(per_class: int, seed: int = 0) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """32x32 RGB images whose class is its dominant colour channel, plus noise: learnable, tiny."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list] = {"train": [], "test": []}
+    for split, n in (("train", per_class), ("test", max(2, per_class // 2))):
+        for c, name in enumerate(CLASSES):
+            for _ in range(n):
+                img = rng.integers(0, 80, (32, 32, 3))
+                img[..., c] += 150
+                out[split].append((name, img.astype(np.uint8)))
+    return out
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def imagefolder(tmp_path):
+    """make('dir'|'tar'|'tar.gz', per_class) -> path of a train/<class>/*.png, test/<class>/*.png dataset."""
+    def make(kind: str = "dir", per_class: int = 20) -> Path:
+        images = synthetic_images(per_class)
+        if kind == "dir":
+            root = tmp_path / "folder"
+            for split, items in images.items():
+                for i, (cls, img) in enumerate(items):
+                    (root / split / cls).mkdir(parents=True, exist_ok=True)
+                    (root / split / cls / f"{i:04d}.png").write_bytes(_png(img))
+            return root
+        path = tmp_path / f"images.{kind}"
+        with tarfile.open(path, "w:gz" if kind == "tar.gz" else "w") as tar:
+            for split, items in images.items():
+                for i, (cls, img) in enumerate(items):
+                    data = _png(img)
+                    info = tarfile.TarInfo(f"mirror/{split}/{cls}/{i:04d}.png")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return path
+    return make
+
+
+@pytest.fixture
+def cifar10_root(tmp_path) -> Path:
+    """torchvision's cifar-10-batches-py layout, with 10 random images per batch file."""
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, 10))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    return tmp_path / "cifar"
+
+
+@pytest.fixture(scope="session")
+def jpeg_cache(tmp_path_factory) -> Path:
+    """One decode of the real JPEG mirror per test session, shared by the tests that read it."""
+    if not JPEG_ARCHIVE.exists():
+        pytest.fail(f"{JPEG_ARCHIVE} is missing: the tests need the shared CIFAR-10 JPEG mirror")
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_cli(args: list[str], cwd: Path, module: str = "cifar_ablation", timeout: int = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=e)
+
+
+def runs_in(db: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id], max_results=1000))
+
+
+torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -1,0 +1,73 @@
+"""The real CLI: a multirun of tiny jobs into a fresh sqlite store, the report over it, bad input."""
+from __future__ import annotations
+
+import csv
+
+from .conftest import TINY, run_cli, runs_in
+
+METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second"}
+
+
+def test_sweep_then_report(tmp_path, imagefolder):
+    data = imagefolder("tar.gz", per_class=80)
+    db = tmp_path / "store" / "m.db"  # its folder does not exist yet
+    common = [*TINY, "data=imagefolder", f"data.path={data}", f"data.cache_dir={tmp_path}/cache",
+              f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=cli"]
+    sweep = ["-m", "trick=[],[noise],[noise,batchnorm]", "seed=0,1"]
+    res = run_cli([*sweep, *common], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ETA" in res.stdout + res.stderr
+
+    client, runs = runs_in(db, "cli")
+    jobs = [r for r in runs if r.data.tags["cifar_ablation.role"] == "job"]
+    parents = [r for r in runs if r.data.tags["cifar_ablation.role"] == "sweep"]
+    assert len(jobs) == 6 and len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["tricks"] for r in jobs} == {"baseline", "noise", "noise,batchnorm"}
+    for r in jobs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id == r.data.tags["sweep_id"]
+        assert r.data.tags["rung"] == str(len(r.data.tags["tricks"].split(",")) if r.data.tags["tricks"] != "baseline" else 0)
+        assert r.data.tags["data_checksum"] and r.data.tags["git_commit"] and r.data.tags["config_hash"]
+        assert r.data.params["train.epochs"] == "2" and r.data.params["model.widths"] == "[8, 16]"
+        assert METRICS <= set(r.data.metrics)
+        history = client.get_metric_history(r.info.run_id, "val_acc")
+        assert sorted(m.step for m in history) == [1, 2]  # one value per epoch, step = epoch
+        assert "config.yaml" in [a.path for a in client.list_artifacts(r.info.run_id)]
+
+    rep = run_cli(["--tracking-uri", f"sqlite:///{db}", "--experiment", "cli", "--out", str(tmp_path / "rep")],
+                  tmp_path, module="cifar_ablation.report")
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    lines = [ln for ln in rep.stdout.splitlines() if ln.startswith("| ")]
+    assert [ln.split("|")[1].strip() for ln in lines[1:]] == ["0 baseline", "1 noise", "2 batchnorm"]
+    assert all(ln.split("|")[2].strip() == "2" for ln in lines[1:])  # n = 2 seeds each
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "ladder.csv")))
+    assert [r["tricks"] for r in rows] == ["", "noise", "noise,batchnorm"]
+    assert (tmp_path / "rep" / "ladder.md").read_text().count("| 2 batchnorm |") == 1
+    assert (tmp_path / "rep" / "ladder_accuracy.png").stat().st_size > 1000
+    _, runs = runs_in(db, "cli")
+    reports = [r for r in runs if r.data.tags["cifar_ablation.role"] == "report"]
+    assert len(reports) == 1 and reports[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert {a.path for a in client.list_artifacts(reports[0].info.run_id, "report")} >= {
+        "report/ladder.md", "report/ladder.csv", "report/ladder_accuracy.png"}
+
+    # the same sweep again: every job already has a FINISHED run, so nothing trains
+    again = run_cli([*sweep, *common], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("skipping") == 6
+    _, runs = runs_in(db, "cli")
+    assert len([r for r in runs if r.data.tags["cifar_ablation.role"] == "job"]) == 6
+
+
+def test_bad_input_fails_before_training_and_leaves_no_run(tmp_path):
+    db = tmp_path / "m.db"
+    res = run_cli(["trick=[bogus]", f"mlflow.tracking_uri=sqlite:///{db}"], tmp_path)
+    assert res.returncode != 0
+    assert "bogus" in res.stderr and "l1l2, noise" in res.stderr and "instancenorm, " in res.stderr
+    res = run_cli(["trick=[dropout]", "trick.dropout.p=1.5", "data=imagefolder", f"data.path={tmp_path}",
+                   f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=bad"], tmp_path)
+    assert res.returncode != 0
+    assert "trick.dropout.p=1.5" in res.stderr and "< 1" in res.stderr
+    _, runs = runs_in(db, "bad")
+    assert runs == []  # no run at all, so none RUNNING

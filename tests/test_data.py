@@ -1,0 +1,127 @@
+"""Both data formats load, get cached, subset and normalize; bad sources fail clearly."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cifar_ablation.data import DataError, DeviceLoader, load_images, stratified_subset
+
+from .conftest import CLASSES
+
+
+def data_cfg(tmp_path, **kw):
+    base = {"name": "imagefolder", "path": None, "root": None, "download": False, "subset": None,
+            "val_subset": None, "cache_dir": str(tmp_path / "cache")}
+    return OmegaConf.create({**base, **kw})
+
+
+@pytest.mark.parametrize("kind", ["dir", "tar", "tar.gz"])
+def test_imagefolder_loads_directories_and_archives(tmp_path, imagefolder, kind):
+    path = imagefolder(kind, per_class=12)
+    images = load_images(data_cfg(tmp_path, path=str(path)))
+    assert images.classes == CLASSES
+    assert images.train_x.shape == (36, 3, 32, 32) and images.train_x.dtype == torch.uint8
+    assert images.test_x.shape == (18, 3, 32, 32)
+    assert torch.equal(images.train_y.bincount(), torch.tensor([12, 12, 12]))
+    # the class is the dominant colour channel of each synthetic image
+    dominant = images.train_x.float().mean(dim=(2, 3)).argmax(1)
+    assert torch.equal(dominant, images.train_y)
+    assert len(images.checksum) == 64
+
+
+def test_all_formats_decode_to_the_same_tensors(tmp_path, imagefolder):
+    a = load_images(data_cfg(tmp_path, path=str(imagefolder("dir"))))
+    b = load_images(data_cfg(tmp_path, path=str(imagefolder("tar.gz"))))
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+
+
+def test_cifar10_format_loads(tmp_path, cifar10_root):
+    images = load_images(data_cfg(tmp_path, name="cifar10", root=str(cifar10_root)))
+    assert images.train_x.shape == (50, 3, 32, 32) and images.test_x.shape == (10, 3, 32, 32)
+    assert images.classes[:2] == ["c0", "c1"] and images.source.startswith("cifar10:")
+
+
+def test_cifar10_absent_offline_says_how_to_use_a_local_copy(tmp_path):
+    with pytest.raises(DataError, match=r"data=imagefolder data\.path="):
+        load_images(data_cfg(tmp_path, name="cifar10", root=str(tmp_path / "none"), download=False))
+
+
+def test_decoded_once_then_read_from_cache(tmp_path, imagefolder):
+    path = imagefolder("tar")
+    cfg = data_cfg(tmp_path, path=str(path))
+    first = load_images(cfg)
+    files = list((tmp_path / "cache").glob("*.pt"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    again = load_images(cfg)
+    assert files[0].stat().st_mtime_ns == mtime and torch.equal(first.train_x, again.train_x)
+
+
+def test_corrupt_cache_is_rebuilt_not_trusted(tmp_path, imagefolder):
+    cfg = data_cfg(tmp_path, path=str(imagefolder("tar")))
+    good = load_images(cfg)
+    cache = next((tmp_path / "cache").glob("*.pt"))
+    t = torch.load(cache, weights_only=True)
+    t["train_x"][0] = 0  # silent garbage: right shape, wrong pixels
+    torch.save(t, cache)
+    assert torch.equal(load_images(cfg).train_x, good.train_x)
+    cache.write_bytes(cache.read_bytes()[:100])  # truncated
+    assert torch.equal(load_images(cfg).train_x, good.train_x)
+
+
+def test_truncated_archive_is_a_clear_error(tmp_path, imagefolder):
+    path = imagefolder("tar.gz", per_class=30)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_images(data_cfg(tmp_path, path=str(path)))
+
+
+@pytest.mark.parametrize("name", ["../evil/train/cat/1.png", "/abs/train/cat/1.png"])
+def test_archive_members_outside_the_target_are_refused(tmp_path, name):
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(DataError, match="outside the archive"):
+        load_images(data_cfg(tmp_path, path=str(path)))
+
+
+def test_archive_links_are_refused(tmp_path):
+    path = tmp_path / "link.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("train/cat/1.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(DataError, match="is a link"):
+        load_images(data_cfg(tmp_path, path=str(path)))
+
+
+def test_subset_is_stratified_and_deterministic(tmp_path, imagefolder):
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    keep = stratified_subset(y, 30)
+    assert torch.equal(y[keep].bincount(), torch.tensor([10, 10, 10]))
+    assert torch.equal(keep, stratified_subset(y, 30))
+    images = load_images(data_cfg(tmp_path, path=str(imagefolder("dir", per_class=20)), subset=30, val_subset=15))
+    assert torch.equal(images.train_y.bincount(), torch.tensor([10, 10, 10]))
+    assert len(images.test_y) == 15
+
+
+def test_device_loader_normalizes_with_training_stats_and_reshuffles(tmp_path, imagefolder):
+    images = load_images(data_cfg(tmp_path, path=str(imagefolder("dir", per_class=20))))
+    mean, std = images.channel_stats()
+    g = torch.Generator().manual_seed(0)
+    loader = DeviceLoader(images.train_x, images.train_y, mean, std, 16, torch.device("cpu"), train=True, gen=g)
+    assert len(loader) == 60 // 16  # full batches only
+    xs = torch.cat([x for x, _ in DeviceLoader(images.train_x, images.train_y, mean, std, 60, torch.device("cpu"))])
+    assert xs.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (xs.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2
+    first = [y.tolist() for _, y in loader]
+    second = [y.tolist() for _, y in loader]
+    assert first != second  # a new permutation each epoch
+    val = DeviceLoader(images.test_x, images.test_y, mean, std, 7, torch.device("cpu"))
+    assert torch.equal(torch.cat([y for _, y in val]), images.test_y)  # every image, in order, once

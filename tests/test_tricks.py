@@ -1,0 +1,146 @@
+"""Each trick does what it says, measured on real tensors and real models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from cifar_ablation import tricks
+from cifar_ablation.model import Arch, build_model, count_parameters, kernels
+
+
+def model_for(make_cfg, *names: str) -> nn.Sequential:
+    cfg = make_cfg(f"trick=[{','.join(names)}]")
+    return build_model(tricks.edit_arch(Arch(**OmegaConf.to_container(cfg.model)), cfg.trick))
+
+
+def batch(n: int = 4000, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def gen(seed: int = 1) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_baseline_is_the_slides_vgg(make_cfg):
+    m = model_for(make_cfg)
+    convs = [x for x in m if isinstance(x, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.stride == (1, 1) for c in convs)
+    assert sum(isinstance(x, nn.MaxPool2d) for x in m) == 3
+    dense = [x for x in m if isinstance(x, nn.Linear)]
+    assert [(d.in_features, d.out_features) for d in dense] == [(128 * 4 * 4, 512), (512, 10)]
+    assert not any(isinstance(x, (nn.BatchNorm2d, nn.Dropout, nn.InstanceNorm2d)) for x in m)
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_batchnorm_layers_exist(make_cfg):
+    m = model_for(make_cfg, "batchnorm")
+    assert sum(isinstance(x, nn.BatchNorm2d) for x in m) == 6
+    assert sum(isinstance(x, nn.BatchNorm1d) for x in m) == 1
+
+
+def test_dropout_acts_only_in_training(make_cfg):
+    m = model_for(make_cfg, "dropout")
+    ps = sorted(x.p for x in m if isinstance(x, nn.Dropout))
+    assert ps == [0.2, 0.2, 0.2, 0.5]
+    x = torch.randn(8, 3, 32, 32)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    m.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(m(x), m(x))
+    drop = nn.Dropout(0.5).train()
+    zeros = (drop(torch.ones(100_000)) == 0).float().mean().item()
+    assert abs(zeros - 0.5) < 0.01
+
+
+def test_instancenorm_positions(make_cfg):
+    m = model_for(make_cfg, "instancenorm")
+    assert isinstance(m[0], nn.InstanceNorm2d) and m[0].affine
+    cfg = make_cfg("trick=[instancenorm]", "trick.instancenorm.position=blocks")
+    m = build_model(tricks.edit_arch(Arch(**OmegaConf.to_container(cfg.model)), cfg.trick))
+    assert sum(isinstance(x, nn.InstanceNorm2d) for x in m) == 3
+    # per-image normalization: an image's brightness no longer matters
+    m0 = model_for(make_cfg, "instancenorm").eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(m0(x), m0(3 * x + 1), atol=1e-4)
+
+
+def test_capacity_grows_the_model(make_cfg):
+    small, big = model_for(make_cfg), model_for(make_cfg, "capacity")
+    assert [c.out_channels for c in big if isinstance(c, nn.Conv2d)] == [64, 64, 128, 128, 256, 256]
+    assert count_parameters(big) > 3 * count_parameters(small)
+
+
+def test_flip_flips_about_half_the_images(make_cfg):
+    cfg = make_cfg("trick=[flip]").trick
+    x = batch()
+    y = tricks.flip(x, cfg.flip, gen())
+    flipped = (y == x.flip(3)).flatten(1).all(1)
+    same = (y == x).flatten(1).all(1)
+    assert bool((flipped ^ same).all())  # every image is either mirrored or untouched
+    assert abs(flipped.float().mean().item() - 0.5) < 0.03
+
+
+def test_noise_hits_about_half_the_images_with_std_001(make_cfg):
+    cfg = make_cfg("trick=[noise]").trick
+    x = batch()
+    d = tricks.noise(x, cfg.noise, gen()) - x
+    hit = d.flatten(1).abs().amax(1) > 0
+    assert abs(hit.float().mean().item() - 0.5) < 0.03
+    assert d[hit].std().item() == pytest.approx(0.01, rel=0.02)
+    assert d[hit].mean().abs().item() < 1e-4
+
+
+def test_crop_scales_follow_the_configured_distribution(make_cfg):
+    cfg = make_cfg("trick=[crop]").trick.crop
+    boxes = tricks.crop_boxes(20_000, 32, cfg, gen(), torch.device("cpu"))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    area = w * h / 32 ** 2
+    assert boxes.min() >= 0 and boxes.max() <= 32
+    assert area.min() >= 0.64 - 1e-4 and area.max() <= 1 + 1e-4
+    # uniform area in [0.64, 1] has mean 0.82; clamping at extreme ratios only lowers it a little
+    assert area.mean().item() == pytest.approx(0.82, abs=0.02)
+    log_ratio = (w / h).log()
+    assert log_ratio.min() >= math.log(0.75) - 1e-3 and log_ratio.max() <= math.log(4 / 3) + 1e-3
+
+
+def test_crop_resizes_each_box_back_to_32(make_cfg):
+    cfg = make_cfg("trick=[crop]", "trick.crop.p=0").trick.crop
+    x = batch(16)
+    assert torch.allclose(tricks.crop(x, cfg, gen()), x, atol=1e-5)  # the full box is the identity
+    cfg = make_cfg("trick=[crop]", "trick.crop.scale=[0.25,0.25]", "trick.crop.ratio=[1,1]").trick.crop
+    ramp = torch.arange(32.0).view(1, 1, 1, 32).expand(4, 3, 32, 32).contiguous()
+    out = tricks.crop(ramp, cfg, gen())
+    assert out.shape == ramp.shape
+    # a 16-pixel-wide box stretched to 32 columns: the ramp's slope halves
+    slope = (out[..., 1:] - out[..., :-1])[..., 2:-2].mean().item()
+    assert slope == pytest.approx(0.5, abs=0.02)
+
+
+def test_l1l2_adds_exactly_the_penalty(make_cfg):
+    cfg = make_cfg("trick=[l1l2]", "trick.l1l2.l1=0.001", "trick.l1l2.l2=0.01").trick
+    m = model_for(make_cfg)
+    ws = [m[i].weight for i in range(len(m)) if isinstance(m[i], (nn.Conv2d, nn.Linear))]
+    assert len(kernels(m)) == len(ws) == 8
+    expected = 0.001 * sum(w.abs().sum() for w in ws) + 0.01 * sum((w ** 2).sum() for w in ws)
+    assert tricks.penalty(m, cfg).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert tricks.penalty(m, make_cfg("trick=[noise]").trick) is None
+    # biases are not kernels: changing one leaves the penalty as it was
+    with torch.no_grad():
+        m[0].bias += 5
+    assert tricks.penalty(m, cfg).item() == pytest.approx(expected.item(), rel=1e-6)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    ce = F.cross_entropy(m(x), y)
+    assert (ce + tricks.penalty(m, cfg)).item() == pytest.approx(ce.item() + expected.item(), rel=1e-6)
+
+
+def test_augment_applies_only_chosen_batch_tricks(make_cfg):
+    x = batch(64)
+    assert torch.equal(tricks.augment(x, make_cfg("trick=[batchnorm,l1l2]").trick, gen()), x)
+    assert not torch.equal(tricks.augment(x, make_cfg("trick=[noise]").trick, gen()), x)

@@ -5,12 +5,14 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, check_trick_overrides, ordered_tricks, semantic_hash, validate
 from .data import load_images
 from .tracking import finished_run, job_run, open_experiment
-from .train import train
+from .train import pick_device, train
 
 log = logging.getLogger("cifar_ablation")
 
@@ -30,7 +32,26 @@ def main(cfg: DictConfig) -> float | None:
         images = load_images(cfg.data)
         run.set_tags({"data_source": images.source, "data_checksum": images.checksum,
                       "train_images": len(images.train_y), "val_images": len(images.test_y)})
-        metrics = train(cfg, images, on_epoch=lambda epoch, m, state: run.log_metrics(m, epoch))
+        state = run.load_checkpoint() if run.resumed else None
+        if state is not None:  # the kill may have come between the checkpoint and its metrics
+            if state["epoch"] not in run.logged_steps("val_acc"):
+                run.log_metrics(state["metrics"], state["epoch"])
+            log.info("resuming from the checkpoint of epoch %d", state["epoch"])
+
+        def on_epoch(epoch: int, metrics: dict, state_fn) -> None:
+            if cfg.train.checkpoint:  # checkpoint first, then metrics: each epoch is logged exactly once
+                run.save_checkpoint({**state_fn(), "metrics": metrics})
+            run.log_metrics(metrics, epoch)
+
+        job_num = OmegaConf.select(HydraConfig.get(), "job.num", default=0)  # unset outside a multirun
+        device = pick_device(cfg.device, job_num or 0)
+        run.set_tags({"device": device})
+        try:
+            metrics = train(cfg, images, on_epoch, state, device)
+        except torch.cuda.OutOfMemoryError as e:
+            raise MemoryError(f"CUDA out of memory on {device}: lower train.batch_size (now {cfg.train.batch_size}) "
+                              f"or train.eval_batch_size (now {cfg.train.eval_batch_size}), run fewer jobs per GPU "
+                              "(hydra.launcher.n_jobs), or keep train.amp=true. " + str(e).split("\n")[0]) from e
     return metrics["val_acc"]
 
 

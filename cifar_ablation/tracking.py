@@ -10,20 +10,23 @@ import atexit
 import logging
 import os
 import signal
+import socket
 import subprocess
+import tempfile
 import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from .config import rung, semantic_hash
+from .config import rung, semantic_hash, validate
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "CIFAR_ABLATION_SWEEP_RUN"   # the sweep's parent run id, inherited by every job process
@@ -90,9 +93,11 @@ class SweepTracking(Callback):
         self.parent: str | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        validate(config)
         open_experiment(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        validate(config)  # what every job shares fails once, before any job or parent run exists
         self.client, exp_id = open_experiment(config)
         name = f"sweep {config.ablation.design} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         run = self.client.create_run(exp_id, run_name=name, tags={ROLE: SWEEP, "design": config.ablation.design})
@@ -114,7 +119,13 @@ class SweepTracking(Callback):
         jobs = self.client.search_runs([exp_id], f"tags.sweep_id = '{parent}' and tags.`{ROLE}` = '{JOB}'")
         counts: dict[str, int] = {}
         for r in jobs:
-            counts[r.info.status] = counts.get(r.info.status, 0) + 1
+            status = r.info.status
+            if status == "RUNNING" and not process_alive(r):  # SIGKILL, OOM killer, a dead worker
+                status = "KILLED"
+                self.client.set_tag(r.info.run_id, "failure_reason", "its process died without closing the run "
+                                    "(SIGKILL or out of memory); launch the same command again to resume it")
+                self.client.set_terminated(r.info.run_id, status)
+            counts[status] = counts.get(status, 0) + 1
         self.client.set_tag(parent, "job_states", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
         ok = not interrupted and set(counts) <= {"FINISHED"}
         if not ok:
@@ -125,10 +136,34 @@ class SweepTracking(Callback):
 
 
 class JobRun:
-    """The MLflow run of one Hydra job."""
+    """The MLflow run of one Hydra job, with its checkpoint kept as run artifacts in two slots
+    (checkpoint/a.pt, checkpoint/b.pt by epoch parity): a kill while one is written leaves the other whole."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
-        self.client, self.run_id = client, run_id
+    def __init__(self, client: MlflowClient, run_id: str, resumed: bool = False):
+        self.client, self.run_id, self.resumed = client, run_id, resumed
+
+    def save_checkpoint(self, state: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / ("a.pt" if state["epoch"] % 2 else "b.pt")
+            torch.save(state, path)
+            self.client.log_artifact(self.run_id, str(path), "checkpoint")
+
+    def load_checkpoint(self) -> dict | None:
+        """The newest checkpoint slot that loads (weights_only: a checkpoint is data, never code)."""
+        best = None
+        with tempfile.TemporaryDirectory() as tmp:
+            for a in self.client.list_artifacts(self.run_id, "checkpoint"):
+                try:
+                    state = torch.load(self.client.download_artifacts(self.run_id, a.path, tmp), weights_only=True)
+                except Exception as e:  # half-written slot
+                    log.warning("ignoring unreadable checkpoint %s: %s", a.path, e)
+                    continue
+                if best is None or state["epoch"] > best["epoch"]:
+                    best = state
+        return best
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -153,21 +188,64 @@ def finished_run(client: MlflowClient, exp_id: str, config_hash: str):
     return runs[0] if runs else None
 
 
+def process_alive(run) -> bool:
+    """Whether the process that owns a RUNNING run is alive (known only on the host that started it)."""
+    tags = run.data.tags
+    if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
+        return tags.get("host") != socket.gethostname()  # another machine's run: assume it is alive
+    try:
+        os.kill(int(tags["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def interrupted_run(client: MlflowClient, exp_id: str, config_hash: str):
+    """The newest run of this config that was interrupted (KILLED, or RUNNING with its process gone)."""
+    runs = client.search_runs([exp_id], f"tags.config_hash = '{config_hash}' and tags.`{ROLE}` = '{JOB}'",
+                              order_by=["attributes.start_time DESC"])
+    for r in runs:
+        if r.info.status == "KILLED" or (r.info.status == "RUNNING" and not process_alive(r)):
+            return r
+    return None
+
+
+class AlreadyRunning(RuntimeError):
+    """Another live process is training this very config."""
+
+
 @contextmanager
 def job_run(cfg: DictConfig, tricks: list[str]) -> Iterator[JobRun]:
     """Open the job's run; close it FINISHED, FAILED (reason tag + traceback artifact) or KILLED."""
     client, exp_id = open_experiment(cfg)
     tags = job_tags(cfg, tricks)
-    parent = os.environ.get(PARENT_ENV)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} s{cfg.seed}", tags=tags).info.run_id
-    tags["sweep_id"] = parent or run_id  # a single run is a sweep of one
-    client.set_tag(run_id, "sweep_id", tags["sweep_id"])
-    params = [Param(k, v) for k, v in flat_params(cfg).items()]
-    for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
-        client.log_batch(run_id, params=params[i:i + 100])
-    client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    owner = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    old = interrupted_run(client, exp_id, tags["config_hash"])
+    live = client.search_runs([exp_id], f"tags.config_hash = '{tags['config_hash']}' and "
+                              "attributes.status = 'RUNNING'")
+    if any(process_alive(r) and r.data.tags.get("pid") != owner["pid"] for r in live):
+        raise AlreadyRunning(f"config {tags['config_hash']} is being trained right now by another process "
+                             f"(run {live[0].info.run_id}); wait for it, or change the config")
+    if old is not None:
+        run_id = old.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        log.info("resuming interrupted run %s (%s)", run_id, old.info.status)
+    else:
+        parent = os.environ.get(PARENT_ENV)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} s{cfg.seed}", tags=tags).info.run_id
+        client.set_tag(run_id, "sweep_id", parent or run_id)  # a single run is a sweep of one
+        params = [Param(k, v) for k, v in flat_params(cfg).items()]
+        for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+            client.log_batch(run_id, params=params[i:i + 100])
+        client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    for k, v in owner.items():
+        client.set_tag(run_id, k, v)
+    if old is not None and "failure_reason" in old.data.tags:
+        client.delete_tag(run_id, "failure_reason")
     log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -176,7 +254,7 @@ def job_run(cfg: DictConfig, tricks: list[str]) -> Iterator[JobRun]:
         previous = None
     status = "FAILED"
     try:
-        yield JobRun(client, run_id)
+        yield JobRun(client, run_id, resumed=old is not None)
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated) as e:
         status = "KILLED"

@@ -26,9 +26,13 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, slot: int = 0) -> torch.device:
+    """auto: CUDA when present. With several visible GPUs, job `slot` (Hydra's job number) takes GPU
+    slot % count, so a parallel launcher spreads a sweep round-robin over the GPUs."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", slot % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -79,10 +83,10 @@ OnEpoch = Callable[[int, "dict[str, float]", Callable[[], dict]], None]
 
 
 def train(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics, state: None,
-          state: dict | None = None) -> dict[str, float]:
+          state: dict | None = None, device: torch.device | None = None) -> dict[str, float]:
     """Train and evaluate; after each epoch call on_epoch(epoch, metrics, state_fn), where state_fn()
     returns a checkpoint that `state=` resumes from. Returns the last epoch's metrics."""
-    device = pick_device(cfg.device)
+    device = device or pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device).manual_seed(cfg.seed)  # all augmentation randomness of the run
     cuda = device.type == "cuda"
@@ -107,10 +111,12 @@ def train(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics, s
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if cuda and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         gen.set_state(state["gen_rng"])
         start_epoch = state["epoch"] + 1
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(state["metrics"]) if state is not None else {}
     started = time.perf_counter()
     for epoch in range(start_epoch, epochs + 1):
         t0 = last_print = time.perf_counter()
@@ -161,5 +167,7 @@ def train(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics, s
 
 
 def checkpoint_state(model, opt, sched, gen: torch.Generator, epoch: int) -> dict:
+    cuda = gen.device.type == "cuda"
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(), "epoch": epoch}
+            "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(), "epoch": epoch,
+            "cuda_rng": torch.cuda.get_rng_state(gen.device) if cuda else None}

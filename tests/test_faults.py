@@ -1,0 +1,97 @@
+"""What survives what: real processes, real signals, a real sqlite store."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from .conftest import JPEG_ARCHIVE, TINY, run_cli, runs_in
+
+# Real CIFAR-10 (so an epoch lasts long enough to be interrupted) through a small net.
+SLOW = ["data=imagefolder", f"data.path={JPEG_ARCHIVE}", "data.subset=1500", "data.val_subset=300",
+        "model.widths=[16,32]", "model.dense=64", "train.batch_size=50", "train.epochs=6", "device=cpu",
+        "train.progress_every_s=0"]
+
+
+def start(args: list[str], cwd) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cifar_ablation", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for(proc: subprocess.Popen, text: str, timeout: float = 180) -> str:
+    seen, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+        assert time.time() < deadline, "".join(seen)
+    raise AssertionError(f"process ended before printing {text!r}:\n" + "".join(seen))
+
+
+def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, jpeg_cache):
+    db = tmp_path / "m.db"
+    args = [*SLOW, f"data.cache_dir={jpeg_cache}", f"mlflow.tracking_uri=sqlite:///{db}"]
+    proc = start([*args, "mlflow.experiment=resume"], tmp_path)
+    wait_for(proc, "epoch 2/6")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    client, runs = runs_in(db, "resume")
+    assert [r.info.status for r in runs] == ["RUNNING"]  # nobody could close it
+    killed = runs[0].info.run_id
+    assert len(client.get_metric_history(killed, "val_acc")) < 6
+
+    again = run_cli([*args, "mlflow.experiment=resume"], tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming interrupted run " + killed in again.stdout + again.stderr
+    client, runs = runs_in(db, "resume")
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(killed, "FINISHED")]
+    for key in ("val_acc", "train_loss", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(killed, key)) == [1, 2, 3, 4, 5, 6], key
+
+    ref = run_cli([*args, "mlflow.experiment=reference"], tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    _, (reference,) = runs_in(db, "reference")
+    resumed = client.get_run(killed)
+    for key in ("val_acc", "val_loss", "train_acc", "train_loss"):
+        assert resumed.data.metrics[key] == reference.data.metrics[key], key  # exact, on CPU
+
+
+def test_sigterm_and_sigint_leave_the_run_killed(tmp_path, jpeg_cache):
+    db = tmp_path / "m.db"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = start([*SLOW, f"data.cache_dir={jpeg_cache}", f"mlflow.tracking_uri=sqlite:///{db}",
+                      f"mlflow.experiment={sig.name}"], tmp_path)
+        wait_for(proc, "epoch 1/6")
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) != 0
+        _, runs = runs_in(db, sig.name)
+        assert [r.info.status for r in runs] == ["KILLED"], sig.name
+        assert "interrupted by signal" in runs[0].data.tags["failure_reason"]
+
+
+def test_diverging_job_fails_with_reason_and_the_sweep_goes_on(tmp_path, imagefolder):
+    db = tmp_path / "m.db"
+    data = imagefolder("tar", per_class=80)
+    res = run_cli(["-m", "optim.lr=1e30,0.001", *TINY, "data=imagefolder", f"data.path={data}",
+                   f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{db}",
+                   "mlflow.experiment=diverge"], tmp_path)
+    assert res.returncode != 0  # the sweep reports its failure...
+    client, runs = runs_in(db, "diverge")
+    jobs = {r.data.params["optim.lr"]: r for r in runs if r.data.tags["cifar_ablation.role"] == "job"}
+    assert jobs["0.001"].info.status == "FINISHED"  # ...after running every job
+    bad = jobs["1e+30"]
+    assert bad.info.status == "FAILED"
+    assert bad.data.tags["failure_reason"].startswith("NonFiniteLoss: train loss is nan")
+    assert "optim.lr" in bad.data.tags["failure_reason"]
+    assert "traceback.txt" in [a.path for a in client.list_artifacts(bad.info.run_id)]
+    (parent,) = [r for r in runs if r.data.tags["cifar_ablation.role"] == "sweep"]
+    assert parent.info.status == "FAILED"
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+    rep = run_cli(["--tracking-uri", f"sqlite:///{db}", "--experiment", "diverge", "--out", str(tmp_path / "r"),
+                   "--no-figures"], tmp_path, module="cifar_ablation.report")
+    assert rep.returncode == 0, rep.stderr
+    assert "Ignored 1 run(s) that did not finish" in rep.stdout and "FAILED: NonFiniteLoss" in rep.stdout

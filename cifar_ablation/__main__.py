@@ -5,14 +5,10 @@ import logging
 import sys
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, check_trick_overrides, ordered_tricks, semantic_hash, validate
-from .data import load_images
-from .tracking import finished_run, job_run, open_experiment
-from .train import pick_device, train
 
 log = logging.getLogger("cifar_ablation")
 
@@ -20,6 +16,12 @@ log = logging.getLogger("cifar_ablation")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     validate(cfg)  # bad values fail here, before any data is read or run opened
+    import torch  # heavy imports after the checks: a bad command line answers in a second or two
+
+    from .data import load_images
+    from .tracking import finished_run, job_run, open_experiment
+    from .train import pick_device, train
+
     tricks = ordered_tricks(cfg.trick, cfg.ablation.order)
     if not cfg.force:
         client, exp_id = open_experiment(cfg)

@@ -59,7 +59,7 @@ def train_vs_val(table, path: Path) -> Path:
 def val_curves(table, client, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in table.rows:
-        g = table.groups.get(tuple(r["tricks"].split(",")) if r["tricks"] else ())
+        g = table.group_of(r)
         if g is None:
             continue
         per_epoch: dict[int, list[float]] = {}

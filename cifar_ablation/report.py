@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from scipy import stats as st
 
 from .config import design_configs
@@ -99,6 +100,9 @@ class Table:
     ignored: list[str]   # failed / unfinished runs
     missing: list[str]   # configurations the design needs that have no finished run
     extra: list[str]     # finished configurations outside the design
+
+    def group_of(self, row: dict) -> Group | None:
+        return self.groups.get(tuple(parse_tricks(row["tricks"])))
 
 
 def _row(label: str, g: Group | None, ref: Group | None, slide: float | None = None) -> dict:
@@ -192,12 +196,31 @@ def markdown(t: Table, title: str) -> str:
     lines += ["", f"Verdicts: {VERDICT_TEST} on the final-epoch val accuracy of each seed; 'gain'/'loss' when the "
               "95% CI of the difference excludes 0."]
     if t.missing:
-        lines.append(f"Missing (no FINISHED run): {', '.join(t.missing)}.")
+        lines.append(f"Missing (no FINISHED run): {'; '.join(f'[{m}]' for m in t.missing)}.")
     if t.extra:
-        lines.append(f"Also in this sweep, outside the {t.design} design (not in the table): {', '.join(t.extra)}.")
+        lines.append(f"Also in this sweep, outside the {t.design} design (not in the table): "
+                     f"{'; '.join(f'[{m}]' for m in t.extra)}.")
     if t.ignored:
         lines.append(f"Ignored {len(t.ignored)} run(s) that did not finish:")
         lines += [f"- {x}" for x in t.ignored]
+    return "\n".join(lines) + "\n"
+
+
+def compare_markdown(a: Table, b: Table, name_a: str, name_b: str) -> str:
+    """Two experiments side by side, row by row (e.g. original CIFAR-10 vs the JPEG mirror)."""
+    lines = [f"## {a.design}: {name_a} vs {name_b}", "",
+             f"| row | {name_a} val % (n) | {name_b} val % (n) | {name_b} − {name_a} [95% CI] | verdict |",
+             "|---|---|---|---|---|"]
+    b_rows = {r["row"]: r for r in b.rows}
+    for ra in a.rows:
+        rb = b_rows.get(ra["row"])
+        ga, gb = a.group_of(ra), b.group_of(rb) if rb else None
+        c = compare(gb.val if gb else [], ga.val if ga else [])
+        ci = f" [{fmt(c['lo'], plus=True)}, {fmt(c['hi'], plus=True)}]" if not math.isnan(c["lo"]) else ""
+        lines.append(f"| {ra['row']} | {fmt(ra['val_mean'])} ({ra['n']}) | "
+                     f"{fmt(rb['val_mean']) if rb else '–'} ({rb['n'] if rb else 0}) | "
+                     f"{fmt(c['delta'], plus=True)}{ci} | {c['verdict']} |")
+    lines += ["", f"Verdicts: {VERDICT_TEST}."]
     return "\n".join(lines) + "\n"
 
 
@@ -210,6 +233,24 @@ def write_csv(t: Table, path: Path) -> None:
                                                 for k, v in r.items()}})
 
 
+def is_sweep_run(client, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).data.tags.get(ROLE) == "sweep"
+    except MlflowException:
+        return False
+
+
+def sweep_table(client, experiment: str, sweep: str, design: str | None) -> tuple[str, list, Table]:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise LookupError(f"no experiment {experiment!r} in this store; it has: {', '.join(names) or 'none'}")
+    sweep_id, runs = load_sweep(client, exp.experiment_id, sweep)
+    if not runs:
+        raise LookupError(f"no job runs for sweep {sweep!r} in experiment {experiment!r}")
+    return sweep_id, runs, build_table(runs, design)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.report", description=__doc__.split("\n")[0])
     ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
@@ -218,20 +259,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--design", choices=list(HEADERS), help="table to build (default: the sweep's own design)")
     ap.add_argument("--out", default="reports", help="folder for the .md/.csv/.png files")
     ap.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    ap.add_argument("--compare", nargs=2, metavar=("EXP_A", "EXP_B"),
+                    help="put two experiments' tables side by side (each its --sweep) instead")
     args = ap.parse_args(argv)
 
     client = client_for(args.tracking_uri)
-    exp = client.get_experiment_by_name(args.experiment)
-    if exp is None:
-        names = [e.name for e in client.search_experiments()]
-        print(f"error: no experiment {args.experiment!r} in {args.tracking_uri}; it has: {', '.join(names) or 'none'}",
-              file=sys.stderr)
+    try:
+        if args.compare:
+            (_, _, ta), (_, _, tb) = (sweep_table(client, name, args.sweep, args.design) for name in args.compare)
+            text = compare_markdown(ta, tb, *args.compare)
+            print(text)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"compare_{args.compare[0]}_{args.compare[1]}.md").write_text(text)
+            return 0
+        exp, (sweep, runs, table) = client.get_experiment_by_name(args.experiment), \
+            sweep_table(client, args.experiment, args.sweep, args.design)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    sweep, runs = load_sweep(client, exp.experiment_id, args.sweep)
-    if not runs:
-        print(f"error: no job runs for sweep {args.sweep!r} in experiment {args.experiment!r}", file=sys.stderr)
-        return 2
-    table = build_table(runs, args.design)
     text = markdown(table, f"{table.design} — experiment {args.experiment}, sweep {sweep} ({len(runs)} runs)")
     print(text)
     out = Path(args.out)
@@ -243,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         from .figures import draw_all
         files += draw_all(table, client, out)
     tags = {ROLE: REPORT, "sweep_id": sweep, "design": table.design}
-    if sweep != "all" and client.get_run(sweep).data.tags.get(ROLE) == "sweep":
+    if sweep != "all" and is_sweep_run(client, sweep):
         tags["mlflow.parentRunId"] = sweep  # the report shows under its sweep in the UI
     run = client.create_run(exp.experiment_id, run_name=f"report {table.design}", tags=tags)
     for f in files:

@@ -21,7 +21,7 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 DATASETS = ("cifar10", "imagefolder")
 DESIGNS = ("single", "ladder", "leave_one_out", "one_at_a_time")
 # Keys that do not change a run's result: left out of its semantic hash (see semantic_hash).
-NON_SEMANTIC = ("device", "force", "mlflow", "train.progress_every_s", "train.checkpoint", "train.compile",
+NON_SEMANTIC = ("device", "force", "jobs_per_device", "mlflow", "train.progress_every_s", "train.checkpoint", "train.compile",
                 "ablation.design", "ablation.slide", "data.cache_dir", "data.download")
 
 
@@ -94,6 +94,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg, "ablation.design", one_of(*DESIGNS))
 
     _require(cfg, "seed", number(0, integer=True))
+    _require(cfg, "jobs_per_device", number(1, integer=True))
     _require(cfg, "device", one_of(*DEVICES))
     if cfg.device == "cuda":
         import torch
@@ -200,9 +201,16 @@ def check_trick_overrides(argv: list[str]) -> None:
                                       " (e.g. 'trick=[noise,batchnorm]'; 'trick=[]' is the baseline)")
 
 
+def device_slots(per_device: int) -> int:
+    """Concurrent jobs for hydra/launcher=parallel: per_device for every visible GPU (per_device on CPU)."""
+    import torch
+    return int(per_device) * max(1, torch.cuda.device_count())
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("design_sweep"):
-        OmegaConf.register_new_resolver("design_sweep", design_sweep)
+    for name, fn in (("design_sweep", design_sweep), ("device_slots", device_slots)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def abspath(path: str | os.PathLike) -> Path:

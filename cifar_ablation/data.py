@@ -17,7 +17,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 from .config import abspath
 
@@ -90,6 +89,8 @@ def _folder_members(path: Path) -> Iterator[tuple[tuple[str, str, str], bytes]]:
 
 
 def decode_imagefolder(path: Path) -> dict[str, Any]:
+    from torchvision.io import ImageReadMode, decode_image  # torchvision is slow to import: only on a cache miss
+
     members = _archive_members(path) if path.is_file() else _folder_members(path)
     items: dict[str, list[tuple[str, str, torch.Tensor]]] = {s: [] for s in SPLITS}
     try:

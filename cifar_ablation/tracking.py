@@ -133,6 +133,8 @@ class SweepTracking(Callback):
                                 if interrupted else
                                 "some jobs did not finish: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
         self.client.set_terminated(parent, "FINISHED" if ok else "FAILED")
+        log.info("sweep run %s %s (jobs: %s)", parent, "FINISHED" if ok else "FAILED",
+                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
 
 
 class JobRun:
@@ -188,11 +190,23 @@ def finished_run(client: MlflowClient, exp_id: str, config_hash: str):
     return runs[0] if runs else None
 
 
+def owner() -> dict[str, str]:
+    """Who runs a job: host and pid, and the SLURM job (a requeued SLURM job keeps its id on a new node)."""
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    if "SLURM_JOB_ID" in os.environ:
+        job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+        tags["slurm_job"] = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return tags
+
+
 def process_alive(run) -> bool:
-    """Whether the process that owns a RUNNING run is alive (known only on the host that started it)."""
-    tags = run.data.tags
-    if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
-        return tags.get("host") != socket.gethostname()  # another machine's run: assume it is alive
+    """Whether the process that owns a RUNNING run is alive. Known for runs started on this host, and for an
+    earlier incarnation of this very SLURM job (dead: we are its requeue); other hosts' runs count as alive."""
+    tags, me = run.data.tags, owner()
+    if "slurm_job" in me and tags.get("slurm_job") == me["slurm_job"]:
+        return tags.get("pid") == me["pid"] and tags.get("host") == me["host"]
+    if tags.get("host") != me["host"] or not tags.get("pid", "").isdigit():
+        return True
     try:
         os.kill(int(tags["pid"]), 0)
     except ProcessLookupError:
@@ -221,11 +235,11 @@ def job_run(cfg: DictConfig, tricks: list[str]) -> Iterator[JobRun]:
     """Open the job's run; close it FINISHED, FAILED (reason tag + traceback artifact) or KILLED."""
     client, exp_id = open_experiment(cfg)
     tags = job_tags(cfg, tricks)
-    owner = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    me = owner()
     old = interrupted_run(client, exp_id, tags["config_hash"])
     live = client.search_runs([exp_id], f"tags.config_hash = '{tags['config_hash']}' and "
                               "attributes.status = 'RUNNING'")
-    if any(process_alive(r) and r.data.tags.get("pid") != owner["pid"] for r in live):
+    if any(process_alive(r) and r.data.tags.get("pid") != me["pid"] for r in live):
         raise AlreadyRunning(f"config {tags['config_hash']} is being trained right now by another process "
                              f"(run {live[0].info.run_id}); wait for it, or change the config")
     if old is not None:
@@ -242,7 +256,7 @@ def job_run(cfg: DictConfig, tricks: list[str]) -> Iterator[JobRun]:
         for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
             client.log_batch(run_id, params=params[i:i + 100])
         client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    for k, v in owner.items():
+    for k, v in me.items():
         client.set_tag(run_id, k, v)
     if old is not None and "failure_reason" in old.data.tags:
         client.delete_tag(run_id, "failure_reason")

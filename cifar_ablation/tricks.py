@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torchvision.ops import roi_align
 
 from .config import Check, interval, number, one_of
 from .model import Arch, kernels
@@ -115,6 +114,8 @@ def crop_boxes(n: int, size: int, cfg: Any, gen: torch.Generator, device: torch.
 
 @trick("batch", p=number(0, 1), scale=interval(0, 1, lo_open=True), ratio=interval(0, None, lo_open=True))
 def crop(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:
+    from torchvision.ops import roi_align  # imported on first use: torchvision takes seconds to import
+
     n, _, size, _ = x.shape
     boxes = crop_boxes(n, size, cfg, gen, x.device)
     index = torch.arange(n, device=x.device, dtype=boxes.dtype).unsqueeze(1)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import csv
 
+from cifar_ablation.report import main as report_main
+
 from .conftest import TINY, run_cli, runs_in
 
 METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second"}
 
 
-def test_sweep_then_report(tmp_path, imagefolder):
+def test_sweep_then_report(tmp_path, imagefolder, capsys):
     data = imagefolder("tar.gz", per_class=80)
     db = tmp_path / "store" / "m.db"  # its folder does not exist yet
     common = [*TINY, "data=imagefolder", f"data.path={data}", f"data.cache_dir={tmp_path}/cache",
@@ -36,10 +38,8 @@ def test_sweep_then_report(tmp_path, imagefolder):
         assert sorted(m.step for m in history) == [1, 2]  # one value per epoch, step = epoch
         assert "config.yaml" in [a.path for a in client.list_artifacts(r.info.run_id)]
 
-    rep = run_cli(["--tracking-uri", f"sqlite:///{db}", "--experiment", "cli", "--out", str(tmp_path / "rep")],
-                  tmp_path, module="cifar_ablation.report")
-    assert rep.returncode == 0, rep.stderr[-3000:]
-    lines = [ln for ln in rep.stdout.splitlines() if ln.startswith("| ")]
+    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "cli", "--out", str(tmp_path / "rep")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     assert [ln.split("|")[1].strip() for ln in lines[1:]] == ["0 baseline", "1 noise", "2 batchnorm"]
     assert all(ln.split("|")[2].strip() == "2" for ln in lines[1:])  # n = 2 seeds each
     rows = list(csv.DictReader(open(tmp_path / "rep" / "ladder.csv")))

@@ -1,0 +1,116 @@
+"""Many jobs at once: Hydra's joblib and submitit launchers, and a real MLflow tracking server."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cifar_ablation.report import main as report_main
+
+from .conftest import TINY, run_cli, runs_in
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def tiny_args(tmp_path: Path, data: Path, uri: str, experiment: str) -> list[str]:
+    return [*TINY, "data=imagefolder", f"data.path={data}", f"data.cache_dir={tmp_path}/cache",
+            f"mlflow.tracking_uri={uri}", f"mlflow.experiment={experiment}"]
+
+
+def test_eight_concurrent_jobs_into_a_brand_new_sqlite_store(tmp_path, imagefolder):
+    db = tmp_path / "fresh" / "m.db"
+    assert not db.exists()
+    res = run_cli(["-m", "seed=0,1,2,3,4,5,6,7", "hydra/launcher=parallel", "jobs_per_device=8",
+                   *tiny_args(tmp_path, imagefolder("tar", per_class=80), f"sqlite:///{db}", "par")],
+                  tmp_path, env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client, runs = runs_in(db, "par")
+    jobs = [r for r in runs if r.data.tags["cifar_ablation.role"] == "job"]
+    assert sorted(r.data.tags["seed"] for r in jobs) == [str(i) for i in range(8)]
+    assert len({r.data.tags["pid"] for r in jobs}) > 1  # really in several processes
+    (parent,) = [r for r in runs if r.data.tags["cifar_ablation.role"] == "sweep"]
+    for r in jobs:
+        assert r.info.status == "FINISHED" and r.data.tags["sweep_id"] == parent.info.run_id
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second"):
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key)) == [1, 2], key
+    assert parent.info.status == "FINISHED"
+
+
+def test_submitit_local_launcher(tmp_path, imagefolder):
+    db = tmp_path / "m.db"
+    res = run_cli(["-m", "seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                   *tiny_args(tmp_path, imagefolder("tar", per_class=80), f"sqlite:///{db}", "submitit")],
+                  tmp_path, env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _, runs = runs_in(db, "submitit")
+    jobs = [r for r in runs if r.data.tags["cifar_ablation.role"] == "job"]
+    assert sorted((r.data.tags["seed"], r.info.status) for r in jobs) == [("0", "FINISHED"), ("1", "FINISHED")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("mlflow server did not start:\n" + proc.stdout.read()[-3000:])
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def api(url: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", method="POST" if body is not None else "GET",
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=30))
+
+
+def test_jobs_and_report_through_a_real_tracking_server(tmp_path, imagefolder, mlflow_server):
+    url = mlflow_server
+    res = run_cli(["-m", "trick=[],[noise]", *tiny_args(tmp_path, imagefolder("tar", per_class=80), url, "served")],
+                  tmp_path, env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert report_main(["--tracking-uri", url, "--experiment", "served", "--out", str(tmp_path / "rep")]) == 0
+
+    exp_id = api(url, "experiments/get-by-name?experiment_name=served")["experiment"]["experiment_id"]
+    runs = api(url, "runs/search", {"experiment_ids": [exp_id], "max_results": 100})["runs"]
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    by_role: dict[str, list] = {}
+    for r, t in zip(runs, tags):
+        by_role.setdefault(t["cifar_ablation.role"], []).append((r, t))
+    (parent, _), = by_role["sweep"]
+    parent_id = parent["info"]["run_id"]
+    assert parent["info"]["status"] == "FINISHED"
+    assert len(by_role["job"]) == 2
+    for r, t in by_role["job"] + by_role["report"]:
+        assert t["mlflow.parentRunId"] == parent_id  # nested under the sweep in the UI
+    (report, _), = by_role["report"]
+    listed = api(url, f"artifacts/list?run_id={report['info']['run_id']}&path=report")["files"]
+    assert {"report/ladder.md", "report/ladder_accuracy.png", "report/ladder_val_curves.png"} <= {f["path"] for f in listed}
+    # the artifacts really went through the server's proxy into its destination folder
+    assert list((tmp_path / "artifacts").rglob("ladder_accuracy.png"))

@@ -16,12 +16,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The multi-process launcher tests (8 parallel jobs, submitit): a few minutes on 2 cores.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 # The slide's ladder: 9 cumulative rungs x 3 seeds on the JPEG CIFAR-10 mirror, then its report.
 ladder: install
 	$(BIN)/python -m cifar_ablation experiment=slide_ladder data.path=$(DATA)
 	$(BIN)/python -m cifar_ablation.report --experiment slide-ladder --out experiments/slide_ladder
+
+# Textbook DataLoader loop vs the trainer, then K concurrent runs (CPU-sized defaults; see --help).
+bench: install
+	$(BIN)/python -m cifar_ablation.bench --data $(DATA)
 
 report: install
 	$(BIN)/python -m cifar_ablation.report

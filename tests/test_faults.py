@@ -7,14 +7,19 @@ import subprocess
 import sys
 import time
 
+import pytest
 from cifar_ablation.report import main as report_main
 
-from .conftest import JPEG_ARCHIVE, TINY, run_cli, runs_in
+from .conftest import TINY, run_cli, runs_in
 
-# Real CIFAR-10 (so an epoch lasts long enough to be interrupted) through a small net.
-SLOW = ["data=imagefolder", f"data.path={JPEG_ARCHIVE}", "data.subset=1000", "data.val_subset=200",
-        "model.widths=[16,32]", "model.dense=64", "train.batch_size=50", "train.epochs=4", "device=cpu",
-        "train.progress_every_s=0"]
+# Enough images and width that an epoch lasts long enough (~1 s) to be interrupted.
+SLOW = ["data=imagefolder", "data.val_subset=200", "model.widths=[16,32]", "model.dense=64",
+        "train.batch_size=50", "train.epochs=4", "device=cpu", "train.progress_every_s=0"]
+
+
+@pytest.fixture
+def slow_data(imagefolder, tmp_path) -> list[str]:
+    return [f"data.path={imagefolder('tar', per_class=300)}", f"data.cache_dir={tmp_path}/cache"]
 
 
 def start(args: list[str], cwd) -> subprocess.Popen:
@@ -33,9 +38,9 @@ def wait_for(proc: subprocess.Popen, text: str, timeout: float = 180) -> str:
     raise AssertionError(f"process ended before printing {text!r}:\n" + "".join(seen))
 
 
-def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, jpeg_cache):
+def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data):
     db = tmp_path / "m.db"
-    args = [*SLOW, f"data.cache_dir={jpeg_cache}", f"mlflow.tracking_uri=sqlite:///{db}"]
+    args = [*SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}"]
     proc = start([*args, "mlflow.experiment=resume"], tmp_path)
     wait_for(proc, "epoch 2/4")
     proc.send_signal(signal.SIGKILL)
@@ -61,10 +66,10 @@ def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, jpeg_cache
         assert resumed.data.metrics[key] == reference.data.metrics[key], key  # exact, on CPU
 
 
-def test_sigterm_and_sigint_leave_the_run_killed(tmp_path, jpeg_cache):
+def test_sigterm_and_sigint_leave_the_run_killed(tmp_path, slow_data):
     db = tmp_path / "m.db"
     for sig in (signal.SIGTERM, signal.SIGINT):
-        proc = start([*SLOW, f"data.cache_dir={jpeg_cache}", f"mlflow.tracking_uri=sqlite:///{db}",
+        proc = start([*SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}",
                       f"mlflow.experiment={sig.name}"], tmp_path)
         wait_for(proc, "epoch 1/4")
         proc.send_signal(sig)

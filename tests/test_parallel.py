@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ def tiny_args(tmp_path: Path, data: Path, uri: str, experiment: str) -> list[str
             f"mlflow.tracking_uri={uri}", f"mlflow.experiment={experiment}"]
 
 
+@pytest.mark.slow
 def test_eight_concurrent_jobs_into_a_brand_new_sqlite_store(tmp_path, imagefolder):
     db = tmp_path / "fresh" / "m.db"
     assert not db.exists()
@@ -42,6 +44,7 @@ def test_eight_concurrent_jobs_into_a_brand_new_sqlite_store(tmp_path, imagefold
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher(tmp_path, imagefolder):
     db = tmp_path / "m.db"
     res = run_cli(["-m", "seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
@@ -65,7 +68,8 @@ def mlflow_server(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                              "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job workers
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:

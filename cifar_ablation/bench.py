@@ -1,0 +1,174 @@
+"""Benchmark: the textbook PyTorch loop against cifar-ablation's trainer, same model, tricks and batch size.
+
+    python -m cifar_ablation.bench [--data PATH] [--subset N] [--epochs E] [--batch-size B] [--workers W]
+                                   [--concurrent K] [--device auto|cpu|cuda] [--tricks a,b] [--compile]
+
+textbook:  torchvision-style Dataset of PIL images + DataLoader(W workers, pinned memory on CUDA), PIL
+           RandomHorizontalFlip + RandomResizedCrop, ToTensor, Normalize; fp32; one optimizer step per batch.
+trainer:   cifar_ablation.train.train(): the split held on the device, batched device-side augmentation,
+           bf16 autocast and channels_last on CUDA (and torch.compile with --compile).
+Both report training images/s over whole epochs (augmentation included, evaluation and compilation not);
+the last epoch of each counts, so --epochs 2 or more leaves warm-up out. Then K trainer runs start at once
+as separate processes and their aggregate images/s is printed. Small sizes by default, so it runs on a CPU;
+on a GPU use e.g. --subset 50000 --epochs 3 --workers 8 --concurrent 9.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader, Dataset
+
+from .config import CONF_DIR
+from .data import Images, load_images
+from .train import build, make_optimizer, pick_device, train
+
+DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
+
+
+def bench_config(args: argparse.Namespace):
+    tricks = f"trick=[{args.tricks}]"
+    overrides = [tricks, "data=imagefolder", f"data.path={args.data}", f"data.subset={args.subset}",
+                 "data.val_subset=100", f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}",
+                 f"train.compile={args.compile}", f"device={args.device}", "train.progress_every_s=0"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+class PILImages(Dataset):
+    """The textbook dataset: one PIL image per item, transformed on the fly in the loader's workers."""
+
+    def __init__(self, images: Images, transform):
+        self.x, self.y, self.transform = images.train_x, images.train_y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.x[i].permute(1, 2, 0).numpy())), int(self.y[i])
+
+
+def textbook(cfg, images: Images, device: torch.device, workers: int) -> float:
+    import torchvision.transforms as T
+
+    mean, std = images.channel_stats()
+    steps = [T.RandomHorizontalFlip(cfg.trick.flip.p)] if "flip" in cfg.trick else []
+    if "crop" in cfg.trick:
+        steps.append(T.RandomResizedCrop(32, scale=tuple(cfg.trick.crop.scale), ratio=tuple(cfg.trick.crop.ratio)))
+    transform = T.Compose([*steps, T.ToTensor(), T.Normalize(mean.tolist(), std.tolist())])
+    loader = DataLoader(PILImages(images, transform), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    torch.manual_seed(cfg.seed)
+    model = build(cfg, images).to(device)
+    opt, sched = make_optimizer(model, cfg.optim, cfg.train.epochs * len(loader))
+    rate = 0.0
+    for _ in range(cfg.train.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rate = len(loader) * cfg.train.batch_size / (time.perf_counter() - t0)
+    return rate
+
+
+def trainer(cfg, images: Images, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    m = train(cfg, images, device=device)
+    out = {"images_per_second": m["images_per_second"], "wall": time.perf_counter() - t0}
+    out["compile_seconds"] = m.get("compile_seconds")
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
+
+
+def _one_run(args: argparse.Namespace, slot: int, queue) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads() // args.concurrent))
+    cfg = bench_config(args)
+    images = load_images(cfg.data)
+    device = pick_device(cfg.device, slot)
+    queue.put(("ready", slot, None))
+    start = time.time()
+    r = trainer(cfg, images, device)
+    trained = cfg.train.epochs * (len(images.train_y) // cfg.train.batch_size) * cfg.train.batch_size
+    queue.put(("done", slot, {**r, "start": start, "end": time.time(), "images": trained}))
+
+
+def concurrent(args: argparse.Namespace) -> dict:
+    """K trainer runs as separate processes; aggregate = all images trained / the wall time they shared."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_one_run, args=(args, k, queue)) for k in range(args.concurrent)]
+    for p in procs:
+        p.start()
+    results = {}
+    while len(results) < args.concurrent:
+        kind, slot, r = queue.get(timeout=3600)
+        if kind == "done":
+            results[slot] = r
+    for p in procs:
+        p.join()
+    wall = max(r["end"] for r in results.values()) - min(r["start"] for r in results.values())
+    return {"runs": args.concurrent, "aggregate_images_per_second": sum(r["images"] for r in results.values()) / wall,
+            "per_run": list(results.values())}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m cifar_ablation.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--subset", type=int, default=1000, help="training images (default 1000: CPU-sized)")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the textbook loop")
+    ap.add_argument("--concurrent", type=int, default=2, help="trainer runs at once for the aggregate figure")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--tricks", default="batchnorm,dropout,flip,crop")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the trainer's model")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    args.data = str(Path(args.data).resolve())
+
+    cfg = bench_config(args)
+    images = load_images(cfg.data)
+    device = pick_device(cfg.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"bench: {len(images.train_y)} images, batch {args.batch_size}, tricks [{args.tricks}], {args.epochs} "
+          f"epochs, on {where}, torch {torch.__version__}")
+    base = textbook(cfg, images, device, args.workers)
+    print(f"| textbook loop (DataLoader, {args.workers} workers, PIL transforms, fp32) | {base:,.0f} images/s |")
+    ours = trainer(cfg, images, device)
+    print(f"| cifar-ablation trainer (device-side data) | {ours['images_per_second']:,.0f} images/s |")
+    ratio = ours["images_per_second"] / base
+    print(f"| ratio trainer / textbook | {ratio:.2f}x |")
+    if ours.get("compile_seconds"):
+        print(f"| compile time (not in the rate) | {ours['compile_seconds']:.1f} s |")
+    result = {"device": where, "textbook_images_per_second": base, "trainer": ours, "ratio": ratio}
+    if args.concurrent > 0:
+        agg = concurrent(args)
+        mem = [r.get("peak_mem_gib") for r in agg["per_run"]]
+        extra = f", peak GPU memory per run {max(mem):.2f} GiB" if mem and mem[0] is not None else ""
+        print(f"| {args.concurrent} concurrent trainer runs, aggregate | {agg['aggregate_images_per_second']:,.0f} "
+              f"images/s{extra} |")
+        result["concurrent"] = agg
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -44,9 +44,11 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int):
     else:
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
         opt = cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total_steps >= 4:
+        # each phase needs 2+ steps; very short runs (smoke tests) stretch the warm-up to 2 steps
+        pct = min(max(cfg.warmup_frac, 2 / total_steps), 0.5)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
-                                                    pct_start=cfg.warmup_frac, cycle_momentum=cfg.name == "sgd")
+                                                    pct_start=pct, cycle_momentum=cfg.name == "sgd")
     elif cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     else:

@@ -97,19 +97,25 @@ def flip(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:
     return torch.where(_coin(x, cfg.p, gen), x.flip(3), x)
 
 
-def crop_boxes(n: int, size: int, cfg: Any, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """RandomResizedCrop's boxes, batched: area fraction ~ U(scale), aspect ~ logU(ratio), position ~ U.
-    Sides are clamped to the image (torchvision retries instead; the clamp only bites at ratio extremes
-    near scale 1). Returns (n, 4) boxes x1, y1, x2, y2 in pixels; images not drawn (1 - p) keep the full box."""
-    u = torch.rand(n, 5, generator=gen, device=device)
-    area = cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * u[:, 0]
-    log_r = math.log(cfg.ratio[0]) + (math.log(cfg.ratio[1]) - math.log(cfg.ratio[0])) * u[:, 1]
-    w = (area * log_r.exp()).sqrt().clamp(max=1.0) * size
-    h = (area / log_r.exp()).sqrt().clamp(max=1.0) * size
-    x1, y1 = (size - w) * u[:, 2], (size - h) * u[:, 3]
+def crop_boxes(n: int, size: int, cfg: Any, gen: torch.Generator, device: torch.device,
+               tries: int = 10) -> torch.Tensor:
+    """RandomResizedCrop's boxes, batched, same distribution: per image up to `tries` draws of area fraction
+    ~ U(scale) and aspect ~ logU(ratio), the first whose box fits the image wins (torchvision's rejection
+    loop), else the whole image; position ~ U. Returns (n, 4) boxes x1, y1, x2, y2 in pixels (not rounded
+    to whole pixels: roi_align resamples anyway); images not drawn (1 - p) keep the full box."""
+    u = torch.rand(n, tries, 2, generator=gen, device=device)
+    area = (cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * u[..., 0]) * size * size
+    log_r = math.log(cfg.ratio[0]) + (math.log(cfg.ratio[1]) - math.log(cfg.ratio[0])) * u[..., 1]
+    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
+    fits = (w <= size) & (h <= size)
+    first = fits.float().argmax(1, keepdim=True)          # index of the first fitting draw (0 if none)
+    w = torch.where(fits.any(1), w.gather(1, first).squeeze(1), torch.tensor(float(size), device=device))
+    h = torch.where(fits.any(1), h.gather(1, first).squeeze(1), torch.tensor(float(size), device=device))
+    pos = torch.rand(n, 3, generator=gen, device=device)
+    x1, y1 = (size - w) * pos[:, 0], (size - h) * pos[:, 1]
     boxes = torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
     full = torch.tensor([0.0, 0.0, size, size], device=device)
-    return torch.where((u[:, 4] < cfg.p).unsqueeze(1), boxes, full)
+    return torch.where((pos[:, 2] < cfg.p).unsqueeze(1), boxes, full)
 
 
 @trick("batch", p=number(0, 1), scale=interval(0, 1, lo_open=True), ratio=interval(0, None, lo_open=True))

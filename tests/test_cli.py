@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from cifar_ablation.report import main as report_main
 
 from .conftest import TINY, run_cli, runs_in
@@ -71,3 +73,23 @@ def test_bad_input_fails_before_training_and_leaves_no_run(tmp_path):
     assert "trick.dropout.p=1.5" in res.stderr and "< 1" in res.stderr
     _, runs = runs_in(db, "bad")
     assert runs == []  # no run at all, so none RUNNING
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("design,rows", [
+    ("ladder", ["0 baseline", "1 noise", "2 flip"]),
+    ("leave_one_out", ["all tricks", "without noise", "without flip"]),
+    ("one_at_a_time", ["baseline", "+ noise", "+ flip"]),
+])
+def test_each_design_sweeps_and_reports(tmp_path, imagefolder, capsys, design, rows):
+    db = tmp_path / "m.db"
+    res = run_cli([f"experiment={design}", "ablation.order=[noise,flip]", "seed=0,1", *TINY, "data=imagefolder",
+                   f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/cache",
+                   f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=design"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Launching 6 jobs" in res.stdout + res.stderr  # 3 trick sets x 2 seeds, no -m needed
+    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "design", "--out", str(tmp_path)]) == 0
+    table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
+    assert [ln.split("|")[1].strip() for ln in table] == rows
+    assert all(ln.split("|")[2].strip() == "2" for ln in table)
+    assert (tmp_path / f"{design}.md").exists() and (tmp_path / f"{design}_accuracy.png").exists()

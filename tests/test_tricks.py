@@ -104,8 +104,9 @@ def test_crop_scales_follow_the_configured_distribution(make_cfg):
     area = w * h / 32 ** 2
     assert boxes.min() >= 0 and boxes.max() <= 32
     assert area.min() >= 0.64 - 1e-4 and area.max() <= 1 + 1e-4
-    # uniform area in [0.64, 1] has mean 0.82; clamping at extreme ratios only lowers it a little
-    assert area.mean().item() == pytest.approx(0.82, abs=0.02)
+    # uniform area in [0.64, 1] has mean 0.82; rejecting boxes that do not fit (large area and far from
+    # square) lowers it, as in torchvision
+    assert 0.72 < area.mean().item() < 0.82
     log_ratio = (w / h).log()
     assert log_ratio.min() >= math.log(0.75) - 1e-3 and log_ratio.max() <= math.log(4 / 3) + 1e-3
 

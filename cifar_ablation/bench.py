@@ -32,11 +32,12 @@ from .train import build, make_optimizer, pick_device, train
 DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
 
 
-def bench_config(args: argparse.Namespace):
+def bench_config(args: argparse.Namespace, seed: int = 0):
     tricks = f"trick=[{args.tricks}]"
-    overrides = [tricks, "data=imagefolder", f"data.path={args.data}", f"data.subset={args.subset}",
-                 "data.val_subset=100", f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}",
-                 f"train.compile={args.compile}", f"device={args.device}", "train.progress_every_s=0"]
+    overrides = [tricks, f"seed={seed}", "data=imagefolder", f"data.path={args.data}", f"data.subset={args.subset}",
+                 f"data.val_subset={args.val_subset}", f"train.batch_size={args.batch_size}",
+                 f"train.epochs={args.epochs}", f"train.compile={args.compile}", f"device={args.device}",
+                 "train.progress_every_s=0", *args.override]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
@@ -44,8 +45,8 @@ def bench_config(args: argparse.Namespace):
 class PILImages(Dataset):
     """The textbook dataset: one PIL image per item, transformed on the fly in the loader's workers."""
 
-    def __init__(self, images: Images, transform):
-        self.x, self.y, self.transform = images.train_x, images.train_y, transform
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform):
+        self.x, self.y, self.transform = x, y, transform
 
     def __len__(self) -> int:
         return len(self.y)
@@ -55,16 +56,18 @@ class PILImages(Dataset):
         return self.transform(Image.fromarray(self.x[i].permute(1, 2, 0).numpy())), int(self.y[i])
 
 
-def textbook(cfg, images: Images, device: torch.device, workers: int) -> float:
+def textbook(cfg, images: Images, device: torch.device, workers: int) -> tuple[float, float]:
+    """The plain path: returns (training images/s of the last epoch, final val accuracy)."""
     import torchvision.transforms as T
 
     mean, std = images.channel_stats()
+    normalize = [T.ToTensor(), T.Normalize(mean.tolist(), std.tolist())]
     steps = [T.RandomHorizontalFlip(cfg.trick.flip.p)] if "flip" in cfg.trick else []
     if "crop" in cfg.trick:
         steps.append(T.RandomResizedCrop(32, scale=tuple(cfg.trick.crop.scale), ratio=tuple(cfg.trick.crop.ratio)))
-    transform = T.Compose([*steps, T.ToTensor(), T.Normalize(mean.tolist(), std.tolist())])
-    loader = DataLoader(PILImages(images, transform), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loader = DataLoader(PILImages(images.train_x, images.train_y, T.Compose([*steps, *normalize])),
+                        batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     torch.manual_seed(cfg.seed)
     model = build(cfg, images).to(device)
     opt, sched = make_optimizer(model, cfg.optim, cfg.train.epochs * len(loader))
@@ -82,7 +85,32 @@ def textbook(cfg, images: Images, device: torch.device, workers: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         rate = len(loader) * cfg.train.batch_size / (time.perf_counter() - t0)
-    return rate
+    model.eval()
+    val = DataLoader(PILImages(images.test_x, images.test_y, T.Compose(normalize)), batch_size=500)
+    with torch.no_grad():
+        correct = sum((model(x.to(device)).argmax(1).cpu() == y).sum().item() for x, y in val)
+    return rate, correct / len(images.test_y)
+
+
+def accuracy_match(args: argparse.Namespace, images: Images, device: torch.device) -> list[dict]:
+    """Same recipe, both paths, args.seeds seeds: final val accuracy mean ± std and Welch's verdict."""
+    from .report import compare, summary
+
+    rows = []
+    for tricks in args.tricks_sets:
+        cfg_args = argparse.Namespace(**{**vars(args), "tricks": tricks})
+        plain, fast = [], []
+        for seed in range(args.seeds):
+            cfg = bench_config(cfg_args, seed)
+            torch.manual_seed(seed)
+            plain.append(100 * textbook(cfg, images, device, args.workers)[1])
+            fast.append(100 * train(cfg, images, device=device)["val_acc"])
+        (pm, ps, *_), (fm, fs, *_) = summary(plain), summary(fast)
+        c = compare(fast, plain)
+        rows.append({"tricks": tricks, "plain": plain, "fast": fast, "delta": c["delta"], "verdict": c["verdict"]})
+        print(f"| [{tricks}] | {pm:.2f} ± {ps:.2f} | {fm:.2f} ± {fs:.2f} | {c['delta']:+.2f} "
+              f"[{c['lo']:+.2f}, {c['hi']:+.2f}] | {c['verdict']} |", flush=True)
+    return rows
 
 
 def trainer(cfg, images: Images, device: torch.device) -> dict:
@@ -130,8 +158,9 @@ def concurrent(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--data", default=DEFAULT_DATA, help="an image folder or archive (imagefolder format)")
     ap.add_argument("--subset", type=int, default=1000, help="training images (default 1000: CPU-sized)")
+    ap.add_argument("--val-subset", type=int, default=1000, help="validation images")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the textbook loop")
@@ -140,6 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tricks", default="batchnorm,dropout,flip,crop")
     ap.add_argument("--compile", action="store_true", help="torch.compile the trainer's model")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--accuracy", nargs="+", metavar="TRICKS", dest="tricks_sets",
+                    help="instead of speed: train each comma-separated trick set ('' = baseline) on both paths "
+                         "with --seeds seeds and compare their final val accuracy")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. train.epochs=4")
     args = ap.parse_args(argv)
     args.data = str(Path(args.data).resolve())
 
@@ -149,7 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"bench: {len(images.train_y)} images, batch {args.batch_size}, tricks [{args.tricks}], {args.epochs} "
           f"epochs, on {where}, torch {torch.__version__}")
-    base = textbook(cfg, images, device, args.workers)
+    if args.tricks_sets:
+        print("| tricks | plain path val % | fast path val % | fast − plain [95% CI] | verdict (Welch) |\n"
+              "|---|---|---|---|---|")
+        return {"accuracy": accuracy_match(args, images, device)}
+    base, _ = textbook(cfg, images, device, args.workers)
     print(f"| textbook loop (DataLoader, {args.workers} workers, PIL transforms, fp32) | {base:,.0f} images/s |")
     ours = trainer(cfg, images, device)
     print(f"| cifar-ablation trainer (device-side data) | {ours['images_per_second']:,.0f} images/s |")

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _nan(x: float | None) -> float:
@@ -69,6 +70,7 @@ def val_curves(table, client, path: Path) -> Path:
         steps = sorted(per_epoch)
         ax.plot(steps, [statistics.fmean(per_epoch[s]) for s in steps], marker="." if len(steps) < 30 else None,
                 label=r["row"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val accuracy (%), mean over seeds")
     ax.set_title("validation accuracy per epoch")

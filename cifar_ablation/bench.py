@@ -6,7 +6,7 @@
 textbook:  torchvision-style Dataset of PIL images + DataLoader(W workers, pinned memory on CUDA), PIL
            RandomHorizontalFlip + RandomResizedCrop, ToTensor, Normalize; fp32; one optimizer step per batch.
 trainer:   cifar_ablation.train.train(): the split held on the device, batched device-side augmentation,
-           bf16 autocast and channels_last on CUDA (and torch.compile with --compile).
+           channels_last, bf16 autocast on CUDA (and torch.compile with --compile).
 Both report training images/s over whole epochs (augmentation included, evaluation and compilation not);
 the last epoch of each counts, so --epochs 2 or more leaves warm-up out. Then K trainer runs start at once
 as separate processes and their aggregate images/s is printed. Small sizes by default, so it runs on a CPU;
@@ -159,9 +159,9 @@ def concurrent(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help="an image folder or archive (imagefolder format)")
-    ap.add_argument("--subset", type=int, default=1000, help="training images (default 1000: CPU-sized)")
+    ap.add_argument("--subset", type=int, default=2000, help="training images (default 2000: CPU-sized)")
     ap.add_argument("--val-subset", type=int, default=1000, help="validation images")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the textbook loop")
     ap.add_argument("--concurrent", type=int, default=2, help="trainer runs at once for the aggregate figure")

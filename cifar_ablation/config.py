@@ -56,6 +56,10 @@ def one_of(*values: str) -> Check:
     return lambda v: None if v in values else "one of " + ", ".join(values)
 
 
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
 def interval(lo: float, hi: float | None, *, lo_open: bool = False) -> Check:
     """A [a, b] pair of numbers with a <= b inside (lo, hi]."""
     inner = number(lo, hi, lo_open=lo_open)
@@ -103,12 +107,15 @@ def validate(cfg: DictConfig) -> None:
     for key in ("train.epochs", "train.batch_size", "train.eval_batch_size"):
         _require(cfg, key, number(1, integer=True))
     _require(cfg, "train.label_smoothing", number(0, 1, hi_open=True))
+    for key in ("force", "train.amp", "train.channels_last", "train.compile", "train.checkpoint", "optim.nesterov"):
+        _require(cfg, key, boolean)
     _require(cfg, "train.progress_every_s", number(0))
 
     _require(cfg, "optim.name", one_of(*OPTIMIZERS))
     _require(cfg, "optim.lr", number(0, lo_open=True))
     _require(cfg, "optim.weight_decay", number(0))
     _require(cfg, "optim.momentum", number(0, 1, hi_open=True))
+    _require(cfg, "optim.betas", interval(0, 1))
     _require(cfg, "optim.schedule", one_of(*SCHEDULES))
     _require(cfg, "optim.warmup_frac", number(0, 1, lo_open=True, hi_open=True))
 
@@ -122,6 +129,8 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg, "data.name", one_of(*DATASETS))
     for key in ("data.subset", "data.val_subset"):
         _require(cfg, key, lambda v: None if v is None else number(10, integer=True)(v))
+    if cfg.data.name == "cifar10":
+        _require(cfg, "data.download", boolean)
     if cfg.data.name == "imagefolder":
         path = cfg.data.path
         if not path:

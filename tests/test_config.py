@@ -86,6 +86,8 @@ BAD = [
     ("device=tpu", "trick=[]", "device", "auto, cuda, cpu"),
     ("seed=-1", "trick=[]", "seed", ">= 0"),
     ("data.subset=3", "trick=[]", "data.subset", ">= 10"),
+    ("train.amp=maybe", "trick=[]", "train.amp", "true or false"),
+    ("jobs_per_device=0", "trick=[]", "jobs_per_device", "integer >= 1"),
     ("ablation.order=[noise,noise]", "trick=[]", "ablation.order", "without repeats"),
     ("ablation.order=[noise,warp]", "trick=[]", "ablation.order", "known tricks"),
 ]

@@ -177,7 +177,7 @@ def fmt(x: float, spec: str = ".2f", plus: bool = False) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, ("+" if plus else "") + spec)
 
 
-HEADERS = {"ladder": ("rung", "Δ vs previous rung"), "leave_one_out": ("configuration", "Δ = all − without"),
+HEADERS = {"ladder": ("rung | trick added", "Δ vs previous rung"), "leave_one_out": ("configuration", "Δ = all − without"),
            "one_at_a_time": ("configuration", "Δ vs baseline")}
 
 
@@ -185,13 +185,14 @@ def markdown(t: Table, title: str) -> str:
     first, delta = HEADERS[t.design]
     lines = [f"## {title}", "",
              f"| {first} | n | val acc % (mean ± std) | 95% CI | {delta} [95% CI] | verdict | train acc % | "
-             f"train−val gap | slide val % |", "|---|---|---|---|---|---|---|---|---|"]
+             f"train−val gap | slide val % |", "|---" * (9 + first.count("|")) + "|"]
     for r in t.rows:
         ci = f"[{fmt(r['val_ci_lo'])}, {fmt(r['val_ci_hi'])}]" if r["n"] > 1 else "–"
         d = fmt(r["delta"], plus=True) + (f" [{fmt(r['delta_ci_lo'], plus=True)}, {fmt(r['delta_ci_hi'], plus=True)}]"
                                           if not math.isnan(r["delta_ci_lo"]) else "")
         val = f"{fmt(r['val_mean'])} ± {fmt(r['val_std'])}" if r["n"] > 1 else fmt(r["val_mean"])
-        lines.append(f"| {r['row']} | {r['n']} | {val if r['n'] else 'missing'} | {ci} | {d} | {r['verdict']} | "
+        label = r["row"].replace(" ", " | ", 1) if t.design == "ladder" else r["row"]  # "0 | baseline"
+        lines.append(f"| {label} | {r['n']} | {val if r['n'] else 'missing'} | {ci} | {d} | {r['verdict']} | "
                      f"{fmt(r['train_mean'])} | {fmt(r['gap'], plus=True)} | {fmt(r['slide'], '.1f')} |")
     lines += ["", f"Verdicts: {VERDICT_TEST} on the final-epoch val accuracy of each seed; 'gain'/'loss' when the "
               "95% CI of the difference excludes 0."]

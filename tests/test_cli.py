@@ -42,11 +42,12 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
 
     assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "cli", "--out", str(tmp_path / "rep")]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
-    assert [ln.split("|")[1].strip() for ln in lines[1:]] == ["0 baseline", "1 noise", "2 batchnorm"]
-    assert all(ln.split("|")[2].strip() == "2" for ln in lines[1:])  # n = 2 seeds each
+    cells = [[c.strip() for c in ln.split("|")[1:-1]] for ln in lines[1:]]
+    assert lines[0].startswith("| rung | trick added | n | val acc")
+    assert [c[:3] for c in cells] == [["0", "baseline", "2"], ["1", "noise", "2"], ["2", "batchnorm", "2"]]
     rows = list(csv.DictReader(open(tmp_path / "rep" / "ladder.csv")))
     assert [r["tricks"] for r in rows] == ["", "noise", "noise,batchnorm"]
-    assert (tmp_path / "rep" / "ladder.md").read_text().count("| 2 batchnorm |") == 1
+    assert (tmp_path / "rep" / "ladder.md").read_text().count("| 2 | batchnorm | 2 |") == 1
     assert (tmp_path / "rep" / "ladder_accuracy.png").stat().st_size > 1000
     _, runs = runs_in(db, "cli")
     reports = [r for r in runs if r.data.tags["cifar_ablation.role"] == "report"]
@@ -77,7 +78,7 @@ def test_bad_input_fails_before_training_and_leaves_no_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("design,rows", [
-    ("ladder", ["0 baseline", "1 noise", "2 flip"]),
+    ("ladder", ["0 | baseline", "1 | noise", "2 | flip"]),
     ("leave_one_out", ["all tricks", "without noise", "without flip"]),
     ("one_at_a_time", ["baseline", "+ noise", "+ flip"]),
 ])
@@ -90,6 +91,5 @@ def test_each_design_sweeps_and_reports(tmp_path, imagefolder, capsys, design, r
     assert "Launching 6 jobs" in res.stdout + res.stderr  # 3 trick sets x 2 seeds, no -m needed
     assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "design", "--out", str(tmp_path)]) == 0
     table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
-    assert [ln.split("|")[1].strip() for ln in table] == rows
-    assert all(ln.split("|")[2].strip() == "2" for ln in table)
+    assert [ln[2:].split(" | 2 | ")[0] for ln in table] == rows  # the row's label, then n = 2
     assert (tmp_path / f"{design}.md").exists() and (tmp_path / f"{design}_accuracy.png").exists()

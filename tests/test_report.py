@@ -103,7 +103,7 @@ def test_report_cli_writes_files_and_a_report_run(store, capsys):
     uri = f"sqlite:///{tmp / 'r.db'}"
     assert main(["--tracking-uri", uri, "--experiment", "cli", "--out", str(tmp / "out")]) == 0
     out = capsys.readouterr().out
-    assert "| 1 noise | 2 | 81.50 ± 0.71 |" in out and "Welch" in out
+    assert "| 1 | noise | 2 | 81.50 ± 0.71 |" in out and "Welch" in out
     assert {p.name for p in (tmp / "out").iterdir()} >= {"ladder.md", "ladder.csv", "ladder_accuracy.png",
                                                         "ladder_train_vs_val.png", "ladder_val_curves.png"}
     exp = client.get_experiment_by_name("cli").experiment_id

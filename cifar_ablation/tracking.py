@@ -237,11 +237,14 @@ def job_run(cfg: DictConfig, tricks: list[str]) -> Iterator[JobRun]:
     tags = job_tags(cfg, tricks)
     me = owner()
     old = interrupted_run(client, exp_id, tags["config_hash"])
-    live = client.search_runs([exp_id], f"tags.config_hash = '{tags['config_hash']}' and "
-                              "attributes.status = 'RUNNING'")
-    if any(process_alive(r) and r.data.tags.get("pid") != me["pid"] for r in live):
+    live = [r for r in client.search_runs([exp_id], f"tags.config_hash = '{tags['config_hash']}' and "
+                                          "attributes.status = 'RUNNING'")
+            if process_alive(r) and r.data.tags.get("pid") != me["pid"]]
+    if live and not cfg.force:
         raise AlreadyRunning(f"config {tags['config_hash']} is being trained right now by another process "
-                             f"(run {live[0].info.run_id}); wait for it, or change the config")
+                             f"(run {live[0].info.run_id}, pid {live[0].data.tags.get('pid')} on "
+                             f"{live[0].data.tags.get('host')}); wait for it, or, if that process is gone, "
+                             "start a new run with force=true")
     if old is not None:
         run_id = old.info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -251,16 +254,6 @@ def job_run(cfg: DictConfig, tricks: list[str]) -> Iterator[JobRun]:
         if parent:
             tags["mlflow.parentRunId"] = parent
         run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} s{cfg.seed}", tags=tags).info.run_id
-        client.set_tag(run_id, "sweep_id", parent or run_id)  # a single run is a sweep of one
-        params = [Param(k, v) for k, v in flat_params(cfg).items()]
-        for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
-            client.log_batch(run_id, params=params[i:i + 100])
-        client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    for k, v in me.items():
-        client.set_tag(run_id, k, v)
-    if old is not None and "failure_reason" in old.data.tags:
-        client.delete_tag(run_id, "failure_reason")
-    log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
@@ -268,6 +261,17 @@ def job_run(cfg: DictConfig, tricks: list[str]) -> Iterator[JobRun]:
         previous = None
     status = "FAILED"
     try:
+        if old is None:
+            client.set_tag(run_id, "sweep_id", os.environ.get(PARENT_ENV) or run_id)  # a single run: a sweep of one
+            params = [Param(k, v) for k, v in flat_params(cfg).items()]
+            for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+                client.log_batch(run_id, params=params[i:i + 100])
+            client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        elif "failure_reason" in old.data.tags:
+            client.delete_tag(run_id, "failure_reason")
+        for k, v in me.items():
+            client.set_tag(run_id, k, v)
+        log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
         yield JobRun(client, run_id, resumed=old is not None)
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated) as e:

@@ -69,9 +69,14 @@ def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data)
 def test_sigterm_and_sigint_leave_the_run_killed(tmp_path, slow_data):
     db = tmp_path / "m.db"
     for sig in (signal.SIGTERM, signal.SIGINT):
-        proc = start([*SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}",
-                      f"mlflow.experiment={sig.name}"], tmp_path)
-        wait_for(proc, "epoch 1/4")
+        args = [*SLOW, *slow_data, "train.epochs=50", f"mlflow.tracking_uri=sqlite:///{db}",
+                f"mlflow.experiment={sig.name}"]
+        proc = start(args, tmp_path)
+        wait_for(proc, "epoch 1/50")
+        if sig == signal.SIGTERM:  # meanwhile, someone launches the very same config
+            twin = run_cli(args, tmp_path)
+            assert twin.returncode != 0 and "is being trained right now by another process" in twin.stderr
+            assert proc.poll() is None  # the first run goes on undisturbed
         proc.send_signal(sig)
         assert proc.wait(timeout=60) != 0
         _, runs = runs_in(db, sig.name)

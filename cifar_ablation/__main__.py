@@ -23,14 +23,14 @@ def main(cfg: DictConfig) -> float | None:
     from .train import pick_device, train
 
     tricks = ordered_tricks(cfg.trick, cfg.ablation.order)
+    client, exp_id = open_experiment(cfg)  # made by the launcher's callback already: a lookup here
     if not cfg.force:
-        client, exp_id = open_experiment(cfg)
         done = finished_run(client, exp_id, semantic_hash(cfg))
         if done is not None:
             log.info("skipping %s seed %s: FINISHED run %s already holds this config (force=true re-runs it)",
                      tricks or "baseline", cfg.seed, done.info.run_id)
             return done.data.metrics.get("val_acc")
-    with job_run(cfg, tricks) as run:
+    with job_run(cfg, tricks, client, exp_id) as run:
         images = load_images(cfg.data)
         run.set_tags({"data_source": images.source, "data_checksum": images.checksum,
                       "train_images": len(images.train_y), "val_images": len(images.test_y)})

@@ -26,7 +26,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 CACHE_VERSION = 1
 
 
-class DataError(RuntimeError):
+class DataError(Exception):
     """The data cannot be read as asked; the message says what to do."""
 
 
@@ -97,9 +97,7 @@ def decode_imagefolder(path: Path) -> dict[str, Any]:
         for (split, cls, name), raw in members:
             img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
             items[split].append((cls, name, img))
-    except (tarfile.TarError, EOFError, OSError, RuntimeError) as e:
-        if isinstance(e, DataError):
-            raise
+    except (tarfile.TarError, EOFError, OSError, RuntimeError) as e:  # RuntimeError: undecodable image
         raise DataError(f"cannot read {path}: {e} (truncated or corrupt? re-copy it)") from e
     classes = sorted({c for c, _, _ in items["train"]})
     if not classes or not items["test"]:

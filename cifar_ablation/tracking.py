@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 from hydra.experimental.callback import Callback
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -172,8 +172,7 @@ class JobRun:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def job_tags(cfg: DictConfig, tricks: list[str]) -> dict[str, str]:
@@ -231,9 +230,9 @@ class AlreadyRunning(RuntimeError):
 
 
 @contextmanager
-def job_run(cfg: DictConfig, tricks: list[str]) -> Iterator[JobRun]:
-    """Open the job's run; close it FINISHED, FAILED (reason tag + traceback artifact) or KILLED."""
-    client, exp_id = open_experiment(cfg)
+def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: str) -> Iterator[JobRun]:
+    """Open the job's run (or resume its interrupted one); close it FINISHED, FAILED (reason tag +
+    traceback artifact) or KILLED."""
     tags = job_tags(cfg, tricks)
     me = owner()
     old = interrupted_run(client, exp_id, tags["config_hash"])
@@ -269,8 +268,7 @@ def job_run(cfg: DictConfig, tricks: list[str]) -> Iterator[JobRun]:
             client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         elif "failure_reason" in old.data.tags:
             client.delete_tag(run_id, "failure_reason")
-        for k, v in me.items():
-            client.set_tag(run_id, k, v)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in me.items()])
         log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
         yield JobRun(client, run_id, resumed=old is not None)
         status = "FINISHED"

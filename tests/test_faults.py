@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from cifar_ablation.report import main as report_main
 
 from .conftest import TINY, run_cli, runs_in
@@ -107,3 +108,18 @@ def test_diverging_job_fails_with_reason_and_the_sweep_goes_on(tmp_path, imagefo
                         str(tmp_path / "r"), "--no-figures"]) == 0
     out = capsys.readouterr().out
     assert "Ignored 1 run(s) that did not finish" in out and "FAILED: NonFiniteLoss" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA out-of-memory needs a CUDA device")
+def test_cuda_out_of_memory_fails_saying_what_to_change(tmp_path, imagefolder):
+    db = tmp_path / "m.db"
+    # one 4096-channel block on 4096 images at once: ~64 GiB per activation, more than any single GPU here
+    res = run_cli(["model.widths=[4096]", "model.convs_per_block=2", "train.batch_size=4096", "train.epochs=1",
+                   "device=cuda", "data=imagefolder", f"data.path={imagefolder('tar', per_class=1400)}",
+                   f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{db}",
+                   "mlflow.experiment=oom"], tmp_path)
+    assert res.returncode != 0
+    _, (run,) = runs_in(db, "oom")
+    assert run.info.status == "FAILED"
+    assert "CUDA out of memory" in run.data.tags["failure_reason"]
+    assert "lower train.batch_size (now 4096)" in run.data.tags["failure_reason"]

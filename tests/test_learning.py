@@ -1,6 +1,9 @@
 """On real CIFAR-10 (the JPEG mirror) the trainer learns clearly above chance on CPU, and is deterministic."""
 from __future__ import annotations
 
+import pytest
+import torch
+
 from cifar_ablation.data import load_images
 from cifar_ablation.train import train
 
@@ -23,3 +26,12 @@ def test_learns_clearly_above_chance_on_real_cifar10(make_cfg, jpeg_cache):
     print(f"val_acc after 4 epochs: {metrics['val_acc']:.3f}")
     assert metrics["val_acc"] > 0.30, metrics
     assert epochs[-1][1]["train_loss"] < epochs[0][1]["train_loss"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (bf16 autocast, device-side data) needs a GPU")
+def test_cuda_path_learns_and_matches_the_cpu_path_in_kind(make_cfg, jpeg_cache):
+    cfg = make_cfg(*SMALL, f"data.cache_dir={jpeg_cache}", "trick=[batchnorm,flip,crop,noise]", "train.epochs=4",
+                   "device=cuda")
+    images = load_images(cfg.data)
+    metrics = train(cfg, images, device=torch.device("cuda"))
+    assert metrics["val_acc"] > 0.30, metrics

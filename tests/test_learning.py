@@ -29,7 +29,7 @@ def test_learns_clearly_above_chance_on_real_cifar10(make_cfg, jpeg_cache):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (bf16 autocast, device-side data) needs a GPU")
-def test_cuda_path_learns_and_matches_the_cpu_path_in_kind(make_cfg, jpeg_cache):
+def test_cuda_path_learns_clearly_above_chance(make_cfg, jpeg_cache):
     cfg = make_cfg(*SMALL, f"data.cache_dir={jpeg_cache}", "trick=[batchnorm,flip,crop,noise]", "train.epochs=4",
                    "device=cuda")
     images = load_images(cfg.data)

@@ -105,12 +105,13 @@ class Table:
         return self.groups.get(tuple(parse_tricks(row["tricks"])))
 
 
-def _row(label: str, g: Group | None, ref: Group | None, slide: float | None = None) -> dict:
+def _row(label: str, g: Group | None, c: dict | None = None, slide: float | None = None) -> dict:
+    """One table row: the group's summary and its comparison `c` (None: this row is the reference)."""
     val = g.val if g else []
     mean, sd, lo, hi = summary(val)
     train = statistics.fmean(g.train) if g and g.train else math.nan
-    c = compare(val, ref.val) if ref is not None else {"delta": math.nan, "lo": math.nan, "hi": math.nan,
-                                                        "p": math.nan, "verdict": "reference" if val else "missing"}
+    c = c or {"delta": math.nan, "lo": math.nan, "hi": math.nan, "p": math.nan,
+              "verdict": "reference" if val else "missing"}
     return {"row": label, "tricks": ",".join(g.tricks) if g else "", "n": len(val), "val_mean": mean, "val_std": sd,
             "val_ci_lo": lo, "val_ci_hi": hi, "delta": c["delta"], "delta_ci_lo": c["lo"], "delta_ci_hi": c["hi"],
             "p_value": c["p"], "verdict": c["verdict"], "train_mean": train, "gap": train - mean, "slide": slide}
@@ -147,27 +148,22 @@ def build_table(runs, design: str | None = None) -> Table:
     if design == "ladder" and designs and "ladder" not in designs:
         top = max((len(k) for k in tried if list(k) == order[:len(k)]), default=-1)
         wanted = wanted[:top + 1]
-    get = groups.get
+
+    def val(key: tuple) -> list[float]:
+        return groups[key].val if key in groups else []
+
     rows: list[dict] = []
     for i, key in enumerate(wanted):
-        if design == "ladder":
-            label = f"{i} {key[-1] if key else 'baseline'}"
-            ref = get(wanted[i - 1]) if i else None
-            rows.append(_row(label, get(key), ref if i else None, slide.get(key[-1] if key else "baseline")))
-            if i and ref is None:
-                rows[-1]["verdict"] = "missing"
+        if design == "ladder":  # each rung against the rung below it
+            c = compare(val(key), val(wanted[i - 1])) if i else None
+            name = key[-1] if key else "baseline"
+            rows.append(_row(f"{i} {name}", groups.get(key), c, slide.get(name)))
         elif design == "leave_one_out":  # delta = full - without: what keeping the trick is worth
-            full = get(wanted[0])
-            if i == 0:
-                rows.append(_row("all tricks", full, None))
-            else:
-                r = _row(f"without {order[i - 1]}", get(key), None)
-                c = compare(full.val if full else [], get(key).val if get(key) else [])
-                r.update(delta=c["delta"], delta_ci_lo=c["lo"], delta_ci_hi=c["hi"], p_value=c["p"],
-                         verdict=c["verdict"])
-                rows.append(r)
+            c = compare(val(wanted[0]), val(key)) if i else None
+            rows.append(_row(f"without {order[i - 1]}" if i else "all tricks", groups.get(key), c))
         else:
-            rows.append(_row(f"+ {key[0]}" if key else "baseline", get(key), get(wanted[0]) if i else None))
+            c = compare(val(key), val(wanted[0])) if i else None
+            rows.append(_row(f"+ {key[0]}" if key else "baseline", groups.get(key), c))
     missing = [",".join(k) or "baseline" for k in wanted if k not in groups]
     extra = [",".join(k) or "baseline" for k in groups if k not in wanted]
     return Table(design, order, rows, groups, ignored, missing, extra)

@@ -115,3 +115,12 @@ def test_report_cli_writes_files_and_a_report_run(store, capsys):
     assert "| 1 noise | 81.50 (2) | 75.50 (2) | -6.00" in out
     assert main(["--tracking-uri", uri, "--experiment", "nope"]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_a_missing_reference_makes_its_comparisons_missing(store):
+    client, add, _ = store
+    exp = add("nobase", {("noise",): [81, 82]}, design="one_at_a_time")
+    t = build_table(load_sweep(client, exp, "latest")[1])
+    assert t.rows[0]["verdict"] == "missing" and t.rows[0]["n"] == 0          # the baseline itself
+    assert t.rows[1]["row"] == "+ noise" and t.rows[1]["verdict"] == "missing"  # nothing to compare with
+    assert t.rows[1]["val_mean"] == 81.5 and math.isnan(t.rows[1]["delta"])

@@ -203,13 +203,17 @@ def load_images(data_cfg: Any) -> Images:
         checksum, source = sha256_files(files, None if path.is_file() else path), str(path)
         t = cached(cache_dir / f"imagefolder-{checksum[:16]}.pt", lambda: decode_imagefolder(path))
     images = Images(t["train_x"], t["train_y"], t["test_x"], t["test_y"], list(t["classes"]), source, checksum)
-    if data_cfg.subset is not None and data_cfg.subset < len(images.train_y):
-        keep = stratified_subset(images.train_y, int(data_cfg.subset))
-        images.train_x, images.train_y = images.train_x[keep], images.train_y[keep]
-    if data_cfg.val_subset is not None and data_cfg.val_subset < len(images.test_y):
-        keep = stratified_subset(images.test_y, int(data_cfg.val_subset))
-        images.test_x, images.test_y = images.test_x[keep], images.test_y[keep]
+    images.train_x, images.train_y = _first(images.train_x, images.train_y, data_cfg.subset)
+    images.test_x, images.test_y = _first(images.test_x, images.test_y, data_cfg.val_subset)
     return images
+
+
+def _first(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stratified first n images of a split (all of them when n is None or not smaller)."""
+    if n is None or n >= len(y):
+        return x, y
+    keep = stratified_subset(y, int(n))
+    return x[keep], y[keep]
 
 
 # --- device batches --------------------------------------------------------------------------------------

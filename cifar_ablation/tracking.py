@@ -38,7 +38,7 @@ class Terminated(BaseException):
 
 
 def client_for(uri: str) -> MlflowClient:
-    if uri.startswith("sqlite:///"):  # sqlite will not create the database's folder itself
+    if uri.startswith("sqlite:///"):  # MLflow 3.17 makes the folder itself; older releases in our range may not
         Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)
 
@@ -126,15 +126,14 @@ class SweepTracking(Callback):
                                     "(SIGKILL or out of memory); launch the same command again to resume it")
                 self.client.set_terminated(r.info.run_id, status)
             counts[status] = counts.get(status, 0) + 1
-        self.client.set_tag(parent, "job_states", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+        states = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
+        self.client.set_tag(parent, "job_states", states)
         ok = not interrupted and set(counts) <= {"FINISHED"}
         if not ok:
-            self.client.set_tag(parent, "failure_reason", "the sweep ended early: a job raised, or the launcher was stopped"
-                                if interrupted else
-                                "some jobs did not finish: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+            self.client.set_tag(parent, "failure_reason", "the sweep ended early: a job raised, or the launcher was "
+                                f"stopped (jobs: {states})" if interrupted else f"some jobs did not finish: {states}")
         self.client.set_terminated(parent, "FINISHED" if ok else "FAILED")
-        log.info("sweep run %s %s (jobs: %s)", parent, "FINISHED" if ok else "FAILED",
-                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
+        log.info("sweep run %s %s (jobs: %s)", parent, "FINISHED" if ok else "FAILED", states)
 
 
 class JobRun:
@@ -215,14 +214,9 @@ def process_alive(run) -> bool:
     return True
 
 
-def interrupted_run(client: MlflowClient, exp_id: str, config_hash: str):
-    """The newest run of this config that was interrupted (KILLED, or RUNNING with its process gone)."""
-    runs = client.search_runs([exp_id], f"tags.config_hash = '{config_hash}' and tags.`{ROLE}` = '{JOB}'",
-                              order_by=["attributes.start_time DESC"])
-    for r in runs:
-        if r.info.status == "KILLED" or (r.info.status == "RUNNING" and not process_alive(r)):
-            return r
-    return None
+def interrupted(run) -> bool:
+    """KILLED, or RUNNING with its process gone: a run to resume."""
+    return run.info.status == "KILLED" or (run.info.status == "RUNNING" and not process_alive(run))
 
 
 class AlreadyRunning(RuntimeError):
@@ -235,10 +229,10 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
     traceback artifact) or KILLED."""
     tags = job_tags(cfg, tricks)
     me = owner()
-    old = interrupted_run(client, exp_id, tags["config_hash"])
-    live = [r for r in client.search_runs([exp_id], f"tags.config_hash = '{tags['config_hash']}' and "
-                                          "attributes.status = 'RUNNING'")
-            if process_alive(r) and r.data.tags.get("pid") != me["pid"]]
+    earlier = client.search_runs([exp_id], f"tags.config_hash = '{tags['config_hash']}' and tags.`{ROLE}` = '{JOB}'",
+                                 order_by=["attributes.start_time DESC"])
+    old = next((r for r in earlier if interrupted(r)), None)  # the newest one
+    live = [r for r in earlier if r.info.status == "RUNNING" and process_alive(r) and r.data.tags.get("pid") != me["pid"]]
     if live and not cfg.force:
         raise AlreadyRunning(f"config {tags['config_hash']} is being trained right now by another process "
                              f"(run {live[0].info.run_id}, pid {live[0].data.tags.get('pid')} on "

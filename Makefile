@@ -1,42 +1,52 @@
-# cifar-ablation. `make test` sets everything up from nothing, then runs the tests.
+# cifar-ablation. `make test` sets everything up from nothing, then runs the tests; `make help` lists targets.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DATA   ?= ../shared/data/cifar10-jpeg.tar.gz
+MIRROR ?= ../shared/data/cifar10-jpeg.tar.gz
+DATA   ?= $(MIRROR)
 PORT   ?= 5000
+# The data a demo trains on: the offline JPEG mirror where it is at hand, else the original CIFAR-10
+# (torchvision downloads it into ./data once). Override with e.g. DATA_ARGS='data=cifar10'.
+DATA_ARGS ?= $(if $(wildcard $(MIRROR)),data=imagefolder data.path=$(MIRROR),data=cifar10)
 
-.PHONY: install test test-slow ladder report ui bench clean
+.PHONY: help install demo test test-slow ladder report ui bench clean
 
-install: $(STAMP)
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## make .venv and install the package (editable) with its dev extras
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+demo: install  ## a small one-at-a-time sweep (3 tricks x 2 seeds, a narrow net, 2,000 images), then its report
+	@echo "demo data: $(DATA_ARGS)"
+	$(BIN)/python -m cifar_ablation experiment=one_at_a_time 'ablation.order=[batchnorm,dropout,flip]' seed=0,1 \
+	    $(DATA_ARGS) data.subset=2000 data.val_subset=1000 'model.widths=[16,32,64]' model.dense=128 \
+	    train.epochs=3 mlflow.experiment=demo
+	$(BIN)/python -m cifar_ablation.report --experiment demo --out reports/demo
+
+test: install  ## the test suite, all but the multi-process launcher tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The multi-process launcher tests (8 parallel jobs, submitit): a few minutes on 2 cores.
-test-slow: install
+test-slow: install  ## the multi-process launcher tests (8 parallel jobs, submitit): a few minutes on 2 cores
 	$(BIN)/python -m pytest -q -m slow
 
-# The slide's ladder: 9 cumulative rungs x 3 seeds on the JPEG CIFAR-10 mirror, then its report.
-ladder: install
+ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds on the JPEG mirror, then its report
 	$(BIN)/python -m cifar_ablation experiment=slide_ladder data.path=$(DATA)
 	$(BIN)/python -m cifar_ablation.report --experiment slide-ladder --out experiments/slide_ladder
 
-# Textbook DataLoader loop vs the trainer, then K concurrent runs (CPU-sized defaults; see --help).
-bench: install
+bench: install  ## textbook DataLoader loop vs the trainer, then K concurrent runs (CPU-sized; see --help)
 	$(BIN)/python -m cifar_ablation.bench --data $(DATA)
 
-report: install
+report: install  ## the table of the latest sweep in the default store and experiment
 	$(BIN)/python -m cifar_ablation.report
 
-# The MLflow UI over the default store, on loopback only.
-ui: install
+ui: install  ## the MLflow UI over the default store, on 127.0.0.1 (PORT=5000)
 	$(BIN)/python -m mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
 
-clean:
+clean:  ## remove outputs, multirun, reports (not the MLflow store)
 	rm -rf outputs multirun reports .pytest_cache

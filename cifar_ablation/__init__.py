@@ -1,4 +1,4 @@
 """cifar-ablation: ablation studies of CNN generalization tricks on CIFAR-10 (Hydra + PyTorch + MLflow)."""
-from .config import register_resolvers
+from .resolvers import register_resolvers
 
 register_resolvers()

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Dataset
 
-from .config import CONF_DIR
+from .checks import CONF_DIR
 from .data import Images, load_images
+from .stats import compare, summary
 from .train import build, make_optimizer, pick_device, train
 
 DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
@@ -94,8 +95,6 @@ def textbook(cfg, images: Images, device: torch.device, workers: int) -> tuple[f
 
 def accuracy_match(args: argparse.Namespace, images: Images, device: torch.device) -> list[dict]:
     """Same recipe, both paths, args.seeds seeds: final val accuracy mean ± std and Welch's verdict."""
-    from .report import compare, summary
-
     rows = []
     for tricks in args.tricks_sets:
         cfg_args = argparse.Namespace(**{**vars(args), "tricks": tricks})
@@ -105,21 +104,21 @@ def accuracy_match(args: argparse.Namespace, images: Images, device: torch.devic
             torch.manual_seed(seed)
             plain.append(100 * textbook(cfg, images, device, args.workers)[1])
             fast.append(100 * train(cfg, images, device=device)["val_acc"])
-        (pm, ps, *_), (fm, fs, *_) = summary(plain), summary(fast)
-        c = compare(fast, plain)
-        rows.append({"tricks": tricks, "plain": plain, "fast": fast, "delta": c["delta"], "verdict": c["verdict"]})
-        print(f"| [{tricks}] | {pm:.2f} ± {ps:.2f} | {fm:.2f} ± {fs:.2f} | {c['delta']:+.2f} "
-              f"[{c['lo']:+.2f}, {c['hi']:+.2f}] | {c['verdict']} |", flush=True)
+        p, f, c = summary(plain), summary(fast), compare(fast, plain)
+        rows.append({"tricks": tricks, "plain": plain, "fast": fast, "delta": c.delta, "verdict": c.verdict})
+        print(f"| [{tricks}] | {p.mean:.2f} ± {p.std:.2f} | {f.mean:.2f} ± {f.std:.2f} | {c.delta:+.2f} "
+              f"[{c.lo:+.2f}, {c.hi:+.2f}] | {c.verdict} |", flush=True)
     return rows
 
 
 def trainer(cfg, images: Images, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    first: dict[str, float] = {}  # the first epoch's metrics: compile_seconds, when compiling
     t0 = time.perf_counter()
-    m = train(cfg, images, device=device)
-    out = {"images_per_second": m["images_per_second"], "wall": time.perf_counter() - t0}
-    out["compile_seconds"] = m.get("compile_seconds")
+    m = train(cfg, images, on_epoch=lambda epoch, metrics, state: first or first.update(metrics), device=device)
+    out = {"images_per_second": m["images_per_second"], "wall": time.perf_counter() - t0,
+           "compile_seconds": first.get("compile_seconds")}
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return out

@@ -18,8 +18,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .config import abspath
-
 log = logging.getLogger(__name__)
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -44,6 +42,11 @@ class Images:
         """Per-channel mean and std of the training images, in [0, 1] units."""
         x = self.train_x.double() / 255
         return x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+
+
+def abspath(path: str | os.PathLike) -> Path:
+    """Paths in configs are relative to the launch directory (Hydra's job.chdir is off)."""
+    return Path(path).expanduser().resolve()
 
 
 # --- sources ---------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """The training loop: one run of one trick set, readable top to bottom.
 
-train() builds the model the tricks describe, trains it on DeviceLoader batches (batch tricks applied to
-training batches only, the loss trick added to the loss), evaluates every epoch and hands each epoch's
-metrics to `on_epoch` (the MLflow run, in practice). It knows nothing of Hydra or MLflow.
+train() is a short driver: setup() builds the model the tricks describe and puts the data on the device,
+restore() resumes from a checkpoint_state(), then each epoch is train_epoch() (batch tricks applied to
+training batches only, the loss trick added to the loss) and evaluate(), and its metrics go to `on_epoch`
+(the MLflow run, in practice: jobrun.JobRun.end_epoch). It knows nothing of Hydra or MLflow.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -56,20 +58,6 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int):
     return opt, sched
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader, autocast: Any) -> tuple[float, float]:
-    model.eval()
-    loss_sum = torch.zeros((), device=loader.x.device)
-    correct = torch.zeros((), device=loader.x.device, dtype=torch.long)
-    for x, y in loader:
-        with autocast():
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    n = len(loader.y)
-    return loss_sum.item() / n, correct.item() / n
-
-
 def eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -81,96 +69,144 @@ def build(cfg: Any, images: Images) -> torch.nn.Module:
     return build_model(tricks.edit_arch(arch, cfg.trick))
 
 
+@dataclass
+class Parts:
+    """Everything one run trains with. `forward` is the model as called in training: torch.compile's wrapper
+    of `model` with train.compile, else `model` itself (both share the parameters)."""
+    cfg: Any
+    device: torch.device
+    model: torch.nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    opt: torch.optim.Optimizer
+    sched: Any
+    gen: torch.Generator          # all augmentation randomness of the run
+    train_loader: DeviceLoader
+    val_loader: DeviceLoader
+    fmt: torch.memory_format
+
+    def autocast(self):
+        """bf16 autocast on CUDA with train.amp; a no-op context on CPU."""
+        return torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.train.amp)
+
+
+def setup(cfg: Any, images: Images, device: torch.device) -> Parts:
+    """Seed, build the model the tricks describe, put both splits on the device, make optimizer and schedule."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    # NHWC: faster convolutions with cuDNN and with oneDNN on CPU (1.3x for this net on 2 cores, measured)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = build(cfg, images).to(device, memory_format=fmt)
+    mean, std = images.channel_stats()
+    train_loader = DeviceLoader(images.train_x, images.train_y, mean, std, cfg.train.batch_size, device,
+                                train=True, gen=gen, augment=lambda x: tricks.augment(x, cfg.trick, gen))
+    val_loader = DeviceLoader(images.test_x, images.test_y, mean, std, cfg.train.eval_batch_size, device)
+    opt, sched = make_optimizer(model, cfg.optim, cfg.train.epochs * len(train_loader))
+    forward = torch.compile(model) if cfg.train.compile else model
+    return Parts(cfg, device, model, forward, opt, sched, gen, train_loader, val_loader, fmt)
+
+
+def checkpoint_state(p: Parts, epoch: int) -> dict:
+    """Every piece of state the next epoch depends on; restore() puts it back."""
+    cuda = p.device.type == "cuda"
+    return {"model": p.model.state_dict(), "optimizer": p.opt.state_dict(), "scheduler": p.sched.state_dict(),
+            "torch_rng": torch.get_rng_state(), "gen_rng": p.gen.get_state(), "epoch": epoch,
+            "cuda_rng": torch.cuda.get_rng_state(p.device) if cuda else None}
+
+
+def restore(p: Parts, state: dict) -> int:
+    """Put a checkpoint_state() back; returns the epoch to go on with."""
+    p.model.load_state_dict(state["model"])
+    p.opt.load_state_dict(state["optimizer"])
+    p.sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if p.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], p.device)
+    p.gen.set_state(state["gen_rng"])
+    return state["epoch"] + 1
+
+
+def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> tuple[float, float, float | None]:
+    """One pass over the training batches: batch tricks inside the loader, the loss trick added to the loss.
+    Returns mean loss, accuracy, and (with time_first_step) the seconds of the first step, compilation's."""
+    cfg, loader = p.cfg, p.train_loader
+    t0 = last_print = time.perf_counter()
+    first_step = None
+    p.model.train()
+    loss_sum = torch.zeros((), device=p.device)
+    correct = torch.zeros((), device=p.device, dtype=torch.long)
+    for i, (x, y) in enumerate(loader):
+        x = x.contiguous(memory_format=p.fmt)
+        with p.autocast():
+            logits = p.forward(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
+        extra = tricks.penalty(p.model, cfg.trick)
+        total = loss if extra is None else loss + extra
+        p.opt.zero_grad(set_to_none=True)
+        total.backward()
+        p.opt.step()
+        p.sched.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        if i == 0 and time_first_step:
+            if p.device.type == "cuda":
+                torch.cuda.synchronize()
+            first_step = time.perf_counter() - t0
+        if cfg.train.progress_every_s and time.perf_counter() - last_print > cfg.train.progress_every_s:
+            last_print = time.perf_counter()
+            left = (last_print - t0) / (i + 1) * (len(loader) - i - 1)
+            log.info("epoch %d/%d  step %d/%d  loss %.3f  epoch ETA %s", epoch, cfg.train.epochs, i + 1,
+                     len(loader), loss.item(), eta(left))
+    seen = len(loader) * loader.batch_size
+    return loss_sum.item() / seen, correct.item() / seen, first_step
+
+
+@torch.no_grad()
+def evaluate(p: Parts) -> tuple[float, float]:
+    """Mean loss and accuracy over the whole validation split, unaugmented."""
+    p.model.eval()
+    loss_sum = torch.zeros((), device=p.device)
+    correct = torch.zeros((), device=p.device, dtype=torch.long)
+    for x, y in p.val_loader:
+        with p.autocast():
+            logits = p.model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    n = len(p.val_loader.y)
+    return loss_sum.item() / n, correct.item() / n
+
+
 OnEpoch = Callable[[int, "dict[str, float]", Callable[[], dict]], None]
 
 
 def train(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics, state: None,
           state: dict | None = None, device: torch.device | None = None) -> dict[str, float]:
     """Train and evaluate; after each epoch call on_epoch(epoch, metrics, state_fn), where state_fn()
-    returns a checkpoint that `state=` resumes from. Returns the last epoch's metrics."""
-    device = device or pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device).manual_seed(cfg.seed)  # all augmentation randomness of the run
-    cuda = device.type == "cuda"
-    # NHWC: faster convolutions with cuDNN and with oneDNN on CPU (1.3x for this net on 2 cores, measured)
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-
-    model = build(cfg, images).to(device, memory_format=fmt)
-    mean, std = images.channel_stats()
-    augment = lambda x: tricks.augment(x, cfg.trick, gen)  # noqa: E731
-    train_loader = DeviceLoader(images.train_x, images.train_y, mean, std, cfg.train.batch_size, device,
-                                train=True, gen=gen, augment=augment)
-    val_loader = DeviceLoader(images.test_x, images.test_y, mean, std, cfg.train.eval_batch_size, device)
-    epochs = cfg.train.epochs
-    opt, sched = make_optimizer(model, cfg.optim, epochs * len(train_loader))
-    autocast = lambda: torch.autocast("cuda", torch.bfloat16, enabled=cuda and cfg.train.amp)  # noqa: E731
-    step = torch.compile(model) if cfg.train.compile else model
+    returns a checkpoint that `state=` resumes from. Returns the last epoch's metrics. With train.compile the
+    first epoch's metrics also hold compile_seconds (the first step), which its images/s leaves out."""
+    p = setup(cfg, images, device or pick_device(cfg.device))
+    epochs, seen = cfg.train.epochs, len(p.train_loader) * p.train_loader.batch_size
     log.info("model: %s parameters, %d train / %d val images, %d steps per epoch on %s",
-             f"{count_parameters(model):,}", len(train_loader.y), len(val_loader.y), len(train_loader), device)
-
-    start_epoch = 1
-    if state is not None:  # resume: every piece of state the next epoch depends on
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if cuda and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        gen.set_state(state["gen_rng"])
-        start_epoch = state["epoch"] + 1
-
+             f"{count_parameters(p.model):,}", len(p.train_loader.y), len(p.val_loader.y), len(p.train_loader),
+             p.device)
+    first = restore(p, state) if state is not None else 1
     metrics: dict[str, float] = dict(state["metrics"]) if state is not None else {}
     started = time.perf_counter()
-    for epoch in range(start_epoch, epochs + 1):
-        t0 = last_print = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for i, (x, y) in enumerate(train_loader):
-            x = x.contiguous(memory_format=fmt)
-            with autocast():
-                logits = step(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
-            extra = tricks.penalty(model, cfg.trick)
-            total = loss if extra is None else loss + extra
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            if i == 0 and epoch == start_epoch and cfg.train.compile:
-                if cuda:
-                    torch.cuda.synchronize()
-                metrics["compile_seconds"] = time.perf_counter() - t0
-            if cfg.train.progress_every_s and time.perf_counter() - last_print > cfg.train.progress_every_s:
-                last_print = time.perf_counter()
-                left = (last_print - t0) / (i + 1) * (len(train_loader) - i - 1)
-                log.info("epoch %d/%d  step %d/%d  loss %.3f  epoch ETA %s", epoch, epochs, i + 1,
-                         len(train_loader), loss.item(), eta(left))
-        seen = len(train_loader) * train_loader.batch_size
-        train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
+    for epoch in range(first, epochs + 1):
+        t0 = time.perf_counter()
+        train_loss, train_acc, compile_seconds = train_epoch(p, epoch, time_first_step=cfg.train.compile and epoch == first)
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"train loss is {train_loss} at epoch {epoch}: lower optim.lr "
                                 f"(now {cfg.optim.lr}) or the l1l2 strengths, or turn on batchnorm")
-        train_seconds = time.perf_counter() - t0 - metrics.get("compile_seconds", 0.0) * (epoch == start_epoch)
-        val_loss, val_acc = evaluate(model, val_loader, autocast)
+        train_seconds = time.perf_counter() - t0 - (compile_seconds or 0.0)
+        val_loss, val_acc = evaluate(p)
         epoch_seconds = time.perf_counter() - t0
-        metrics.update(train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-                       lr=sched.get_last_lr()[0], epoch_seconds=epoch_seconds,
+        metrics = dict(train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+                       lr=p.sched.get_last_lr()[0], epoch_seconds=epoch_seconds,
                        images_per_second=seen / max(train_seconds, 1e-9))
-        done = epoch - start_epoch + 1
-        remaining = (time.perf_counter() - started) / done * (epochs - epoch)
+        remaining = (time.perf_counter() - started) / (epoch - first + 1) * (epochs - epoch)
         log.info("epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  %.1fs (%s img/s)  ETA %s",
                  epoch, epochs, train_loss, 100 * train_acc, val_loss, 100 * val_acc, epoch_seconds,
                  f"{metrics['images_per_second']:,.0f}", eta(remaining))
-        on_epoch(epoch, dict(metrics), lambda: checkpoint_state(model, opt, sched, gen, epoch))
-        metrics.pop("compile_seconds", None)
+        logged = metrics if compile_seconds is None else {**metrics, "compile_seconds": compile_seconds}
+        on_epoch(epoch, dict(logged), lambda: checkpoint_state(p, epoch))
     return metrics
-
-
-def checkpoint_state(model, opt, sched, gen: torch.Generator, epoch: int) -> dict:
-    cuda = gen.device.type == "cuda"
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state(), "epoch": epoch,
-            "cuda_rng": torch.cuda.get_rng_state(gen.device) if cuda else None}

@@ -8,7 +8,9 @@ registered with `@trick(stage, **checks)` under the function's name. The stage s
   loss   returns a term added to the training loss                (l1l2)
 
 The checks name each parameter and what values it allows; config.validate runs them before training.
-Batch hooks only ever see training batches: evaluation data is never augmented.
+Batch hooks only ever see training batches: evaluation data is never augmented, and they run in BATCH_ORDER.
+An arch hook edits fields of model.Arch, which build_model reads: a new kind of layer needs a field there and
+its branch in build_model.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import Check, interval, number, one_of
+from .checks import Check, interval, number, one_of
 from .model import Arch, kernels
 
 
@@ -31,17 +33,25 @@ class Trick:
 
 
 TRICKS: dict[str, Trick] = {}
+STAGES = ("arch", "batch", "loss")
+# The order batch tricks are applied in: geometry first (flip, crop), then noise on the final pixels.
+BATCH_ORDER = ("flip", "crop", "noise")
 
 
 def trick(stage: str, **checks: Check) -> Callable:
     def register(fn: Callable) -> Callable:
+        if stage not in STAGES:
+            raise ValueError(f"trick {fn.__name__}: stage {stage!r} is not one of {', '.join(STAGES)}")
+        if stage == "batch" and fn.__name__ not in BATCH_ORDER:
+            raise ValueError(f"batch trick {fn.__name__}: add it to tricks.BATCH_ORDER ({', '.join(BATCH_ORDER)})")
         TRICKS[fn.__name__] = Trick(fn.__name__, stage, fn, checks)
         return fn
     return register
 
 
 def _chosen(tricks_cfg: Any, stage: str) -> list[tuple[Trick, Any]]:
-    return [(t, tricks_cfg[name]) for name, t in TRICKS.items() if t.stage == stage and name in tricks_cfg]
+    names = BATCH_ORDER if stage == "batch" else TRICKS
+    return [(TRICKS[name], tricks_cfg[name]) for name in names if TRICKS[name].stage == stage and name in tricks_cfg]
 
 
 def edit_arch(arch: Arch, tricks_cfg: Any) -> Arch:
@@ -51,7 +61,7 @@ def edit_arch(arch: Arch, tricks_cfg: Any) -> Arch:
 
 
 def augment(x: torch.Tensor, tricks_cfg: Any, gen: torch.Generator) -> torch.Tensor:
-    """Apply the chosen batch tricks in registration order: geometry first (flip, crop), then noise."""
+    """Apply the chosen batch tricks in BATCH_ORDER."""
     for t, cfg in _chosen(tricks_cfg, "batch"):
         x = t.hook(x, cfg, gen)
     return x
@@ -90,7 +100,7 @@ def capacity(arch: Arch, cfg: Any) -> None:
     arch.dense = max(1, round(arch.dense * cfg.dense_mult))
 
 
-# --- batch (registration order is application order) -------------------------------------------------
+# --- batch (applied in BATCH_ORDER) ----------------------------------------------------------------------
 
 @trick("batch", p=number(0, 1))
 def flip(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:

@@ -6,6 +6,7 @@ import csv
 import pytest
 
 from cifar_ablation.report import main as report_main
+from cifar_ablation.tracking import JOB, REPORT, ROLE, SWEEP
 
 from .conftest import TINY, run_cli, runs_in
 
@@ -23,8 +24,8 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
     assert "ETA" in res.stdout + res.stderr
 
     client, runs = runs_in(db, "cli")
-    jobs = [r for r in runs if r.data.tags["cifar_ablation.role"] == "job"]
-    parents = [r for r in runs if r.data.tags["cifar_ablation.role"] == "sweep"]
+    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
+    parents = [r for r in runs if r.data.tags[ROLE] == SWEEP]
     assert len(jobs) == 6 and len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -50,7 +51,7 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
     assert (tmp_path / "rep" / "ladder.md").read_text().count("| 2 | batchnorm | 2 |") == 1
     assert (tmp_path / "rep" / "ladder_accuracy.png").stat().st_size > 1000
     _, runs = runs_in(db, "cli")
-    reports = [r for r in runs if r.data.tags["cifar_ablation.role"] == "report"]
+    reports = [r for r in runs if r.data.tags[ROLE] == REPORT]
     assert len(reports) == 1 and reports[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert {a.path for a in client.list_artifacts(reports[0].info.run_id, "report")} >= {
         "report/ladder.md", "report/ladder.csv", "report/ladder_accuracy.png"}
@@ -60,7 +61,7 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("skipping") == 6
     _, runs = runs_in(db, "cli")
-    assert len([r for r in runs if r.data.tags["cifar_ablation.role"] == "job"]) == 6
+    assert len([r for r in runs if r.data.tags[ROLE] == JOB]) == 6
 
 
 def test_bad_input_fails_before_training_and_leaves_no_run(tmp_path):

@@ -3,17 +3,28 @@ from __future__ import annotations
 
 import pytest
 
-from cifar_ablation.config import (ConfigError, check_trick_overrides, design_configs, design_sweep, ordered_tricks,
-                                   rung, semantic_hash, validate)
-from cifar_ablation.tricks import TRICKS
+import ast
 
-from .conftest import CONF
+from omegaconf import OmegaConf
+
+from cifar_ablation.checks import ConfigError, check_trick_overrides
+from cifar_ablation.config import validate
+from cifar_ablation.designs import DESIGNS, design_sweep, ordered_tricks, rung
+from cifar_ablation.identity import classified, flat_params, semantic_hash
+from cifar_ablation.tricks import BATCH_ORDER, TRICKS
+
+from .conftest import CONF, ROOT
 
 ORDER = ["noise", "batchnorm", "dropout", "l1l2", "flip", "crop", "instancenorm", "capacity"]
 
 
 def test_every_trick_has_a_yaml_and_a_hook():
     assert sorted(p.stem for p in (CONF / "trick").glob("*.yaml")) == sorted(TRICKS) == sorted(ORDER)
+
+
+def test_batch_tricks_run_in_their_declared_order():
+    assert sorted(BATCH_ORDER) == sorted(n for n, t in TRICKS.items() if t.stage == "batch")
+    assert BATCH_ORDER == ("flip", "crop", "noise")  # geometry first, noise on the final pixels
 
 
 @pytest.mark.parametrize("name", ORDER)
@@ -40,7 +51,7 @@ def test_ladder_order_lives_in_config_once(make_cfg):
 @pytest.mark.parametrize("design,first,count", [("ladder", [], 9), ("leave_one_out", ORDER, 9),
                                                  ("one_at_a_time", [], 9)])
 def test_designs_are_generated_from_the_order(make_cfg, design, first, count):
-    sets = design_configs(design, ORDER)
+    sets = DESIGNS[design].configs(ORDER)
     assert len(sets) == count and sets[0] == first
     cfg = make_cfg(f"experiment={design}", "ablation.order=[flip,noise]", hydra=True)
     # the experiment hands Hydra's sweeper the list generated from (here, an overridden) ablation.order
@@ -53,7 +64,15 @@ def test_design_sweep_is_hydra_sweep_syntax():
     assert design_sweep("ladder", ["a", "b"]) == "[],[a],[a,b]"
     assert design_sweep("leave_one_out", ["a", "b"]) == "[a,b],[b],[a]"
     assert design_sweep("one_at_a_time", ["a", "b"]) == "[],[a],[b]"
-    assert design_configs("ladder", ["b", "a"])[1] == ["b"]  # a custom order is honoured
+    assert DESIGNS["ladder"].configs(["b", "a"])[1] == ["b"]  # a custom order is honoured
+
+
+def test_every_design_has_its_experiment_file():
+    assert {p.stem for p in (CONF / "experiment").glob("*.yaml")} - {"slide_ladder"} == set(DESIGNS)
+    for name, d in DESIGNS.items():
+        rows = d.rows(ORDER)
+        assert all(r.reference is None or 0 <= r.reference < i for i, r in enumerate(rows)), name
+        assert len(rows[0].label) == len(d.label_columns), name
 
 
 def test_rung_is_the_prefix_length():
@@ -67,6 +86,60 @@ def test_semantic_hash_ignores_device_and_tracking_but_not_seed(make_cfg):
     assert semantic_hash(make_cfg("trick=[noise]", "device=cpu", "mlflow.experiment=x")) == base
     assert semantic_hash(make_cfg("trick=[noise]", "seed=1")) != base
     assert semantic_hash(make_cfg("trick=[noise]", "trick.noise.std=0.02")) != base
+    # the value stores already hold: a run of the default noise config keeps its identity across releases
+    assert base == "dd207f0d1b1b6a49"
+
+
+def conf_keys() -> set[str]:
+    """Every leaf key any file under conf/ can set (Hydra's own settings aside), as a dotted path."""
+    keys: set[str] = set()
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                if prefix or k not in ("defaults", "hydra"):
+                    walk(v, f"{prefix}{k}.")
+        else:
+            keys.add(prefix[:-1])
+    for path in CONF.rglob("*.yaml"):
+        group = path.parent.relative_to(CONF).as_posix()
+        if group.startswith("hydra"):
+            continue
+        glob = "@package _global_" in path.read_text()
+        prefix = "" if glob or group == "." else group.replace("/", ".") + "."
+        walk(OmegaConf.to_container(OmegaConf.load(path)), prefix)
+    return keys
+
+
+def test_every_config_key_is_classified_as_changing_the_result_or_not(make_cfg):
+    keys = conf_keys()
+    assert {"trick.noise.std", "data.path", "data.root", "optim.betas", "train.compile", "mlflow.experiment"} <= keys
+    unclassified = sorted(k for k in keys if len(classified(k)) != 1)
+    assert not unclassified, ("classify these keys in cifar_ablation/identity.py, SEMANTIC or NON_SEMANTIC "
+                              f"(each exactly once): {unclassified}")
+    # and every param a run logs is one of them
+    assert set(flat_params(make_cfg("trick=[noise,crop]"))) <= keys
+
+
+def test_no_import_cycles_in_the_package():
+    """Every import between the package's modules, inside functions too, forms no cycle."""
+    graph: dict[str, set[str]] = {}
+    for path in (ROOT / "cifar_ablation").glob("*.py"):
+        deps = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module] if node.module else [a.name for a in node.names])
+    deps = {m: {d for d in ds if d in graph and d != "__init__"} for m, ds in graph.items()}
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        assert m not in path, "import cycle: " + " -> ".join(path[path.index(m):] + [m])
+        if m not in done:
+            for d in deps[m]:
+                visit(d, path + [m])
+            done.add(m)
+    for m in deps:
+        visit(m, [])
 
 
 BAD = [

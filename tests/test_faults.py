@@ -9,7 +9,9 @@ import time
 
 import pytest
 import torch
+
 from cifar_ablation.report import main as report_main
+from cifar_ablation.tracking import JOB, ROLE, SWEEP
 
 from .conftest import TINY, run_cli, runs_in
 
@@ -93,14 +95,14 @@ def test_diverging_job_fails_with_reason_and_the_sweep_goes_on(tmp_path, imagefo
                    "mlflow.experiment=diverge"], tmp_path)
     assert res.returncode != 0  # the sweep reports its failure...
     client, runs = runs_in(db, "diverge")
-    jobs = {r.data.params["optim.lr"]: r for r in runs if r.data.tags["cifar_ablation.role"] == "job"}
+    jobs = {r.data.params["optim.lr"]: r for r in runs if r.data.tags[ROLE] == JOB}
     assert jobs["0.001"].info.status == "FINISHED"  # ...after running every job
     bad = jobs["1e+30"]
     assert bad.info.status == "FAILED"
     assert bad.data.tags["failure_reason"].startswith("NonFiniteLoss: train loss is nan")
     assert "optim.lr" in bad.data.tags["failure_reason"]
     assert "traceback.txt" in [a.path for a in client.list_artifacts(bad.info.run_id)]
-    (parent,) = [r for r in runs if r.data.tags["cifar_ablation.role"] == "sweep"]
+    (parent,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
     assert parent.info.status == "FAILED"
     assert not [r for r in runs if r.info.status == "RUNNING"]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cifar_ablation.report import main as report_main
+from cifar_ablation.tracking import JOB, REPORT, ROLE, SWEEP
 
 from .conftest import TINY, run_cli, runs_in
 
@@ -33,10 +34,10 @@ def test_eight_concurrent_jobs_into_a_brand_new_sqlite_store(tmp_path, imagefold
                   tmp_path, env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
     client, runs = runs_in(db, "par")
-    jobs = [r for r in runs if r.data.tags["cifar_ablation.role"] == "job"]
+    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
     assert sorted(r.data.tags["seed"] for r in jobs) == [str(i) for i in range(8)]
     assert len({r.data.tags["pid"] for r in jobs}) > 1  # really in several processes
-    (parent,) = [r for r in runs if r.data.tags["cifar_ablation.role"] == "sweep"]
+    (parent,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
     for r in jobs:
         assert r.info.status == "FINISHED" and r.data.tags["sweep_id"] == parent.info.run_id
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second"):
@@ -52,7 +53,7 @@ def test_submitit_local_launcher(tmp_path, imagefolder):
                   tmp_path, env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
     _, runs = runs_in(db, "submitit")
-    jobs = [r for r in runs if r.data.tags["cifar_ablation.role"] == "job"]
+    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
     assert sorted((r.data.tags["seed"], r.info.status) for r in jobs) == [("0", "FINISHED"), ("1", "FINISHED")]
 
 
@@ -106,14 +107,14 @@ def test_jobs_and_report_through_a_real_tracking_server(tmp_path, imagefolder, m
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     by_role: dict[str, list] = {}
     for r, t in zip(runs, tags):
-        by_role.setdefault(t["cifar_ablation.role"], []).append((r, t))
-    (parent, _), = by_role["sweep"]
+        by_role.setdefault(t[ROLE], []).append((r, t))
+    (parent, _), = by_role[SWEEP]
     parent_id = parent["info"]["run_id"]
     assert parent["info"]["status"] == "FINISHED"
-    assert len(by_role["job"]) == 2
-    for r, t in by_role["job"] + by_role["report"]:
+    assert len(by_role[JOB]) == 2
+    for r, t in by_role[JOB] + by_role[REPORT]:
         assert t["mlflow.parentRunId"] == parent_id  # nested under the sweep in the UI
-    (report, _), = by_role["report"]
+    (report, _), = by_role[REPORT]
     listed = api(url, f"artifacts/list?run_id={report['info']['run_id']}&path=report")["files"]
     assert {"report/ladder.md", "report/ladder_accuracy.png", "report/ladder_val_curves.png"} <= {f["path"] for f in listed}
     # the artifacts really went through the server's proxy into its destination folder

@@ -7,7 +7,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats as st
 
-from cifar_ablation.report import build_table, compare, load_sweep, main, summary
+from cifar_ablation.report import load_sweep, main
+from cifar_ablation.stats import compare, summary
+from cifar_ablation.tables import build_table
+from cifar_ablation.tracking import JOB, REPORT, ROLE
 
 ORDER = ["noise", "batchnorm", "dropout"]
 
@@ -22,7 +25,7 @@ def store(tmp_path):
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
         for tricks, vals in runs.items():
             for seed, v in enumerate(vals):
-                r = client.create_run(exp_id, tags={"cifar_ablation.role": "job", "tricks": ",".join(tricks) or "baseline",
+                r = client.create_run(exp_id, tags={ROLE: JOB, "tricks": ",".join(tricks) or "baseline",
                                                     "design": design, "sweep_id": sweep, "seed": str(seed)})
                 client.log_param(r.info.run_id, "ablation.order", str(ORDER))
                 client.log_param(r.info.run_id, "ablation.slide.baseline", "80.2")
@@ -30,7 +33,7 @@ def store(tmp_path):
                 client.log_metric(r.info.run_id, "train_acc", (v + 5) / 100, step=1)
                 client.set_terminated(r.info.run_id, "FINISHED")
         for tricks, reason in (failed or {}).items():
-            r = client.create_run(exp_id, tags={"cifar_ablation.role": "job", "tricks": ",".join(tricks) or "baseline",
+            r = client.create_run(exp_id, tags={ROLE: JOB, "tricks": ",".join(tricks) or "baseline",
                                                 "design": design, "sweep_id": sweep, "failure_reason": reason})
             client.set_terminated(r.info.run_id, "FAILED")
         return exp_id
@@ -38,26 +41,28 @@ def store(tmp_path):
 
 
 def test_summary_is_mean_std_and_t_interval():
-    mean, sd, lo, hi = summary([80.0, 81.0, 82.0])
-    assert (mean, sd) == (81.0, 1.0)
+    s = summary([80.0, 81.0, 82.0])
+    assert (s.n, s.mean, s.std) == (3, 81.0, 1.0)
     half = st.t.ppf(0.975, 2) / math.sqrt(3)  # 2.4841
-    assert (lo, hi) == pytest.approx((81 - half, 81 + half))
-    assert math.isnan(summary([80.0])[1]) and summary([80.0])[0] == 80.0
+    assert (s.lo, s.hi) == pytest.approx((81 - half, 81 + half))
+    assert math.isnan(summary([80.0]).std) and summary([80.0]).mean == 80.0
 
 
 def test_compare_is_welch_with_verdicts():
     a, b = [82.0, 83.0, 84.0], [80.0, 81.0, 82.0]
     c = compare(a, b)
     # se = sqrt(1/3 + 1/3), df = 4: the 95% CI of +2 is +2 -+ 2.776 * 0.8165 = [-0.267, +4.267]
-    assert c["delta"] == 2.0
-    assert (c["lo"], c["hi"]) == pytest.approx((2 - 2.7764 * 0.8165, 2 + 2.7764 * 0.8165), abs=1e-3)
-    assert c["p"] == pytest.approx(st.ttest_ind(a, b, equal_var=False).pvalue)
-    assert c["verdict"] == "within noise"
-    assert compare([90.0, 91.0, 92.0], b)["verdict"] == "gain"
-    assert compare(b, [90.0, 91.0, 92.0])["verdict"] == "loss"
-    assert compare([95.0], b)["verdict"] == "n=1: no verdict"   # never a false "gain"
-    assert compare([95.0], b)["delta"] == 14.0
-    assert compare([], b)["verdict"] == "missing"
+    assert c.delta == 2.0
+    assert (c.lo, c.hi) == pytest.approx((2 - 2.7764 * 0.8165, 2 + 2.7764 * 0.8165), abs=1e-3)
+    assert c.p == pytest.approx(st.ttest_ind(a, b, equal_var=False).pvalue)
+    assert c.verdict == "within noise"
+    assert compare([90.0, 91.0, 92.0], b).verdict == "gain"
+    assert compare(b, [90.0, 91.0, 92.0]).verdict == "loss"
+    assert compare([95.0], b).verdict == "n=1: no verdict"   # never a false "gain"
+    assert compare([95.0], b).delta == 14.0
+    assert compare([], b).verdict == "missing"
+    # no spread on either side: the difference is exact, and a verdict all the same
+    assert (compare([2.0, 2.0], [1.0, 1.0]).lo, compare([2.0, 2.0], [1.0, 1.0]).verdict) == (1.0, "gain")
 
 
 def test_ladder_table_from_runs(store):
@@ -67,14 +72,14 @@ def test_ladder_table_from_runs(store):
     sweep, runs = load_sweep(client, exp, "latest")
     assert sweep == "s1" and len(runs) == 10
     t = build_table(runs)
-    assert t.design == "ladder" and t.order == ORDER
-    assert [r["row"] for r in t.rows] == ["0 baseline", "1 noise", "2 batchnorm", "3 dropout"]
+    assert t.design.name == "ladder" and t.order == ORDER
+    assert [r.row for r in t.rows] == ["0 baseline", "1 noise", "2 batchnorm", "3 dropout"]
     base, noise, bn, drop = t.rows
-    assert (base["n"], base["val_mean"], base["verdict"], base["slide"]) == (3, 81.0, "reference", 80.2)
-    assert base["train_mean"] == 86.0 and base["gap"] == 5.0
-    assert noise["delta"] == 2.0 and noise["verdict"] == "within noise"
-    assert bn["delta"] == 8.0 and bn["verdict"] == "gain"
-    assert drop["n"] == 0 and drop["verdict"] == "missing"
+    assert (base.n, base.val_mean, base.verdict, base.slide) == (3, 81.0, "reference", 80.2)
+    assert base.train_mean == 86.0 and base.gap == 5.0
+    assert noise.delta == 2.0 and noise.verdict == "within noise"
+    assert bn.delta == 8.0 and bn.verdict == "gain"
+    assert drop.n == 0 and drop.verdict == "missing"
     assert t.missing == ["noise,batchnorm,dropout"]
     assert len(t.ignored) == 1 and "FAILED: NonFiniteLoss" in t.ignored[0]
 
@@ -84,16 +89,16 @@ def test_leave_one_out_and_one_at_a_time(store):
     exp = add("loo", {tuple(ORDER): [90, 91, 92], ("batchnorm", "dropout"): [89.5, 90.5, 91.5],
                       ("noise", "dropout"): [80, 81, 82]}, design="leave_one_out")
     t = build_table(load_sweep(client, exp, "latest")[1])
-    assert [r["row"] for r in t.rows] == ["all tricks", "without noise", "without batchnorm", "without dropout"]
-    assert t.rows[1]["delta"] == 0.5 and t.rows[1]["verdict"] == "within noise"
-    assert t.rows[2]["delta"] == 10.0 and t.rows[2]["verdict"] == "gain"   # keeping batchnorm is worth 10
-    assert t.rows[3]["verdict"] == "missing" and t.missing == ["noise,batchnorm"]
+    assert [r.row for r in t.rows] == ["all tricks", "without noise", "without batchnorm", "without dropout"]
+    assert t.rows[1].delta == 0.5 and t.rows[1].verdict == "within noise"
+    assert t.rows[2].delta == 10.0 and t.rows[2].verdict == "gain"   # keeping batchnorm is worth 10
+    assert t.rows[3].verdict == "missing" and t.missing == ["noise,batchnorm"]
 
     exp = add("oaat", {(): [80], ("noise",): [81], ("dropout",): [85]}, design="one_at_a_time")
     t = build_table(load_sweep(client, exp, "latest")[1])
-    assert [r["row"] for r in t.rows] == ["baseline", "+ noise", "+ batchnorm", "+ dropout"]
-    assert t.rows[3]["delta"] == 5.0 and t.rows[3]["verdict"] == "n=1: no verdict"
-    assert t.rows[2]["verdict"] == "missing"
+    assert [r.row for r in t.rows] == ["baseline", "+ noise", "+ batchnorm", "+ dropout"]
+    assert t.rows[3].delta == 5.0 and t.rows[3].verdict == "n=1: no verdict"
+    assert t.rows[2].verdict == "missing"
 
 
 def test_report_cli_writes_files_and_a_report_run(store, capsys):
@@ -107,7 +112,7 @@ def test_report_cli_writes_files_and_a_report_run(store, capsys):
     assert {p.name for p in (tmp / "out").iterdir()} >= {"ladder.md", "ladder.csv", "ladder_accuracy.png",
                                                         "ladder_train_vs_val.png", "ladder_val_curves.png"}
     exp = client.get_experiment_by_name("cli").experiment_id
-    (rep,) = client.search_runs([exp], "tags.`cifar_ablation.role` = 'report'")
+    (rep,) = client.search_runs([exp], f"tags.`{ROLE}` = '{REPORT}'")
     assert {a.path for a in client.list_artifacts(rep.info.run_id, "report")} >= {"report/ladder.md",
                                                                                   "report/ladder_accuracy.png"}
     assert main(["--tracking-uri", uri, "--compare", "cli", "cli2", "--out", str(tmp / "out")]) == 0
@@ -121,6 +126,6 @@ def test_a_missing_reference_makes_its_comparisons_missing(store):
     client, add, _ = store
     exp = add("nobase", {("noise",): [81, 82]}, design="one_at_a_time")
     t = build_table(load_sweep(client, exp, "latest")[1])
-    assert t.rows[0]["verdict"] == "missing" and t.rows[0]["n"] == 0          # the baseline itself
-    assert t.rows[1]["row"] == "+ noise" and t.rows[1]["verdict"] == "missing"  # nothing to compare with
-    assert t.rows[1]["val_mean"] == 81.5 and math.isnan(t.rows[1]["delta"])
+    assert t.rows[0].verdict == "missing" and t.rows[0].n == 0          # the baseline itself
+    assert t.rows[1].row == "+ noise" and t.rows[1].verdict == "missing"  # nothing to compare with
+    assert t.rows[1].val_mean == 81.5 and math.isnan(t.rows[1].delta)

@@ -1,0 +1,61 @@
+"""What a run is, as MLflow records it: its parameters (the flattened resolved config) and its semantic hash
+(the config minus the keys that cannot change its result), which finds a config's earlier runs to skip or resume.
+
+Every key of conf/ is classified here as changing the result or not; tests/test_config.py fails when a key is
+added to conf/ without being put in one of the two lists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Keys (or whole subtrees) that change what a run computes: part of its semantic hash.
+SEMANTIC = ("seed", "trick", "model", "optim", "ablation.order", "train.epochs", "train.batch_size",
+            "train.eval_batch_size", "train.label_smoothing", "train.amp", "train.channels_last",
+            "data.name", "data.root", "data.path", "data.subset", "data.val_subset")
+# Keys that do not: where and how a run executes and is tracked. Left out of the semantic hash.
+NON_SEMANTIC = ("device", "force", "jobs_per_device", "mlflow", "train.progress_every_s", "train.checkpoint",
+                "train.compile", "ablation.design", "ablation.slide", "data.cache_dir", "data.download")
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers, without Hydra's own node."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    out.pop("hydra", None)
+    return out
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """MLflow params: one per leaf key ('optim.lr'), values as strings (MLflow's limit: 6000 characters)."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = str(node)[:6000]
+    walk(plain(cfg), "")
+    return out
+
+
+def semantic_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved config minus the NON_SEMANTIC keys: equal for runs that compute the same thing."""
+    config = plain(cfg)
+    for key in NON_SEMANTIC:
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    config["trick"] = {k: config["trick"][k] for k in sorted(config.get("trick") or {})}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def classified(key: str) -> list[str]:
+    """The entries of SEMANTIC and NON_SEMANTIC that cover a dotted key (exactly one, for every key of conf/)."""
+    return [c for c in SEMANTIC + NON_SEMANTIC if key == c or key.startswith(c + ".")]

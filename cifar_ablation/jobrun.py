@@ -1,0 +1,210 @@
+"""One Hydra job's MLflow run, and everything about resuming it, in one place.
+
+    claim_run()   decides, from a config's earlier runs, whether this job skips (a FINISHED run holds the config),
+                  is refused (a live process is training it), resumes an interrupted run, or creates a new one;
+    job_run()     opens or reopens that run and closes it FINISHED, FAILED (reason + traceback) or KILLED;
+    JobRun        is what training talks to: the state to start from, and the end of each epoch (checkpoint
+                  first, then metrics, so a kill between the two still logs every epoch exactly once).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from .designs import rung
+from .identity import flat_params, semantic_hash
+from .tracking import JOB, PARENT_ENV, ROLE, owner, process_alive
+
+log = logging.getLogger(__name__)
+SKIP, REFUSE, RESUME, CREATE = "skip", "refuse", "resume", "create"
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so the run is closed as KILLED (like KeyboardInterrupt for SIGINT)."""
+
+
+class AlreadyRunning(RuntimeError):
+    """Another live process is training this very config."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    action: str        # SKIP | REFUSE | RESUME | CREATE
+    run: Any = None    # the earlier run it acts on: the finished, the live or the interrupted one
+
+
+def claim_run(earlier: list, me: dict[str, str], force: bool, alive: Callable[[Any], bool]) -> Claim:
+    """What a job does, given its config's earlier job runs (newest first), who it is (owner()), force, and
+    whether a RUNNING run's process is alive. force=true re-runs a finished config and ignores a live twin; an
+    interrupted run (KILLED, or RUNNING with its process gone) is resumed either way, the newest first."""
+    if not force:
+        done = next((r for r in earlier if r.info.status == "FINISHED"), None)
+        if done is not None:
+            return Claim(SKIP, done)
+        live = next((r for r in earlier if r.info.status == "RUNNING" and alive(r)
+                     and r.data.tags.get("pid") != me["pid"]), None)
+        if live is not None:
+            return Claim(REFUSE, live)
+    old = next((r for r in earlier if r.info.status == "KILLED" or (r.info.status == "RUNNING" and not alive(r))),
+               None)
+    return Claim(RESUME, old) if old is not None else Claim(CREATE)
+
+
+def claim(cfg: DictConfig, client: MlflowClient, exp_id: str) -> Claim:
+    """claim_run over this config's earlier runs in the store; a refusal raises AlreadyRunning."""
+    earlier = client.search_runs([exp_id], f"tags.config_hash = '{semantic_hash(cfg)}' and tags.`{ROLE}` = '{JOB}'",
+                                 order_by=["attributes.start_time DESC"])
+    c = claim_run(earlier, owner(), cfg.force, process_alive)
+    if c.action == REFUSE:
+        tags = c.run.data.tags
+        raise AlreadyRunning(f"config {tags.get('config_hash')} is being trained right now by another process "
+                             f"(run {c.run.info.run_id}, pid {tags.get('pid')} on {tags.get('host')}); wait for it, "
+                             "or, if that process is gone, start a new run with force=true")
+    return c
+
+
+class JobRun:
+    """The MLflow run of one Hydra job, with its checkpoint kept as run artifacts in two slots
+    (checkpoint/a.pt, checkpoint/b.pt by epoch parity): a kill while one is written leaves the other whole."""
+
+    def __init__(self, client: MlflowClient, run_id: str, resumed: bool = False, checkpoint: bool = True):
+        self.client, self.run_id, self.resumed, self.checkpoint = client, run_id, resumed, checkpoint
+
+    def start_state(self) -> dict | None:
+        """The checkpoint to resume from (None: start afresh). The kill may have come between a checkpoint
+        and its metrics: those are logged here, so every epoch is logged exactly once."""
+        state = self.load_checkpoint() if self.resumed else None
+        if state is not None:
+            if state["epoch"] not in self.logged_steps("val_acc"):
+                self.log_metrics(state["metrics"], state["epoch"])
+            log.info("resuming from the checkpoint of epoch %d", state["epoch"])
+        return state
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float], state_fn: Callable[[], dict]) -> None:
+        """train()'s on_epoch: the checkpoint first, then the metrics."""
+        if self.checkpoint:
+            self.save_checkpoint({**state_fn(), "metrics": metrics})
+        self.log_metrics(metrics, epoch)
+
+    def save_checkpoint(self, state: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / ("a.pt" if state["epoch"] % 2 else "b.pt")
+            torch.save(state, path)
+            self.client.log_artifact(self.run_id, str(path), "checkpoint")
+
+    def load_checkpoint(self) -> dict | None:
+        """The newest checkpoint slot that loads (weights_only: a checkpoint is data, never code)."""
+        best = None
+        with tempfile.TemporaryDirectory() as tmp:
+            for a in self.client.list_artifacts(self.run_id, "checkpoint"):
+                try:
+                    state = torch.load(self.client.download_artifacts(self.run_id, a.path, tmp), weights_only=True)
+                except Exception as e:  # half-written slot
+                    log.warning("ignoring unreadable checkpoint %s: %s", a.path, e)
+                    continue
+                if best is None or state["epoch"] > best["epoch"]:
+                    best = state
+        return best
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def job_tags(cfg: DictConfig, tricks: list[str]) -> dict[str, str]:
+    r = rung(tricks, cfg.ablation.order)
+    return {ROLE: JOB, "tricks": ",".join(tricks) or "baseline", "rung": "-" if r is None else str(r),
+            "trick_added": (tricks[-1] if tricks else "baseline") if r is not None else "-",
+            "seed": str(cfg.seed), "design": cfg.ablation.design, "config_hash": semantic_hash(cfg),
+            "git_commit": git_commit()}
+
+
+def _bookkeeping(cfg: DictConfig, client: MlflowClient, run_id: str, old) -> None:
+    """A new run gets its sweep id, params and resolved config; a resumed one loses its old failure reason.
+    Both get the owner tags of the process that runs them now."""
+    if old is None:
+        client.set_tag(run_id, "sweep_id", os.environ.get(PARENT_ENV) or run_id)  # a single run: a sweep of one
+        params = [Param(k, v) for k, v in flat_params(cfg).items()]
+        for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+            client.log_batch(run_id, params=params[i:i + 100])
+        client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    elif "failure_reason" in old.data.tags:
+        client.delete_tag(run_id, "failure_reason")
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner().items()])
+
+
+@contextmanager
+def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: str, c: Claim) -> Iterator[JobRun]:
+    """Open the job's run as claimed (reopen the interrupted run, or create one nested under the sweep); close
+    it FINISHED, FAILED (reason tag + traceback artifact) or KILLED (SIGINT, or SIGTERM as Terminated).
+    Everything after the run exists happens inside the try: no path leaves it RUNNING."""
+    old = c.run if c.action == RESUME else None
+    if old is not None:
+        run_id = old.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        log.info("resuming interrupted run %s (%s)", run_id, old.info.status)
+    else:
+        tags, parent = job_tags(cfg, tricks), os.environ.get(PARENT_ENV)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} s{cfg.seed}", tags=tags).info.run_id
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals to the host
+        previous = None
+    status = "FAILED"
+    try:
+        _bookkeeping(cfg, client, run_id, old)
+        log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
+        yield JobRun(client, run_id, resumed=old is not None, checkpoint=cfg.train.checkpoint)
+        status = "FINISHED"
+    except (KeyboardInterrupt, Terminated) as e:
+        status = "KILLED"
+        client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: interrupted by signal")
+        raise
+    except BaseException as e:
+        client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: {e}"[:5000])
+        client.log_text(run_id, traceback.format_exc(), "traceback.txt")
+        raise
+    finally:
+        client.set_terminated(run_id, status)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
+

@@ -1,0 +1,184 @@
+"""From a sweep's MLflow runs to its design's table: rows grouped by trick set, seeds aggregated, each row
+compared with its reference row, rendered as Markdown and CSV. Pure: no MLflow calls, only the runs given.
+
+The design (designs.py) says which trick sets the table has, how each row is labelled and which row it is
+compared with; the statistics are stats.py's. Failed and missing configurations are listed, never dropped.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .designs import DESIGNS, SINGLE, Design, RowSpec
+from .stats import NAN, VERDICT_TEST, Comparison, compare, summary
+
+
+@dataclass
+class Group:
+    tricks: list[str]
+    val: list[float] = field(default_factory=list)     # final val accuracy (%) of each FINISHED run
+    train: list[float] = field(default_factory=list)
+    runs: list = field(default_factory=list)           # the FINISHED runs
+
+    @property
+    def n(self) -> int:
+        return len(self.val)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a configuration's summary over seeds, and its comparison with its reference row."""
+    label: tuple[str, ...]     # its cells under the design's label columns
+    tricks: tuple[str, ...]
+    n: int
+    val_mean: float            # val accuracy %, mean over seeds, std, 95% CI of the mean
+    val_std: float
+    val_ci_lo: float
+    val_ci_hi: float
+    delta: float               # the comparison with the reference row (nan for a reference row)
+    delta_ci_lo: float
+    delta_ci_hi: float
+    p_value: float
+    verdict: str
+    train_mean: float
+    gap: float                 # train − val
+    slide: float | None        # the slide's val accuracy for this rung (ladder only)
+
+    @property
+    def row(self) -> str:
+        return " ".join(self.label)
+
+
+CSV_COLUMNS = ("design", "row", "tricks", "n", "val_mean", "val_std", "val_ci_lo", "val_ci_hi", "delta",
+               "delta_ci_lo", "delta_ci_hi", "p_value", "verdict", "train_mean", "gap", "slide")
+
+
+@dataclass
+class Table:
+    design: Design
+    order: list[str]
+    rows: list[Row]
+    groups: dict[tuple, Group]
+    ignored: list[str]   # failed / unfinished runs
+    missing: list[str]   # configurations the design needs that have no finished run
+    extra: list[str]     # finished configurations outside the design
+
+    def group_of(self, row: Row) -> Group | None:
+        return self.groups.get(row.tricks)
+
+
+def parse_tricks(tag: str | None) -> list[str]:
+    return [] if not tag or tag == "baseline" else tag.split(",")
+
+
+def _row(spec: RowSpec, specs: list[RowSpec], groups: dict[tuple, Group], design: Design,
+         slide: dict[str, float]) -> Row:
+    g = groups.get(spec.tricks)
+    val = g.val if g else []
+    s = summary(val)
+    if spec.reference is None:
+        c = Comparison(NAN, NAN, NAN, NAN, "reference" if val else "missing")
+    else:
+        ref = groups.get(specs[spec.reference].tricks)
+        c = compare(ref.val if ref else [], val) if design.reference_minus_row else compare(val, ref.val if ref else [])
+    train = statistics.fmean(g.train) if g and g.train else NAN
+    return Row(spec.label, spec.tricks, s.n, s.mean, s.std, s.lo, s.hi, c.delta, c.lo, c.hi, c.p, c.verdict,
+               train, train - s.mean, slide.get(spec.label[-1]) if design.slide_column else None)
+
+
+def build_table(runs, design: str | None = None) -> Table:
+    groups: dict[tuple, Group] = {}
+    ignored: list[str] = []
+    order: list[str] = []
+    slide: dict[str, float] = {}
+    designs: list[str] = []
+    tried: set[tuple] = set()  # every trick set with a run, finished or not
+    for r in runs:
+        tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+        if not order and "ablation.order" in params:
+            order = list(ast.literal_eval(params["ablation.order"]))
+            slide = {k.split(".")[-1]: float(v) for k, v in params.items() if k.startswith("ablation.slide.")}
+        designs.append(tags.get("design", SINGLE))
+        tricks = parse_tricks(tags.get("tricks"))
+        tried.add(tuple(tricks))
+        if r.info.status != "FINISHED" or "val_acc" not in metrics:
+            ignored.append(f"{r.info.run_id} [{tags.get('tricks')} seed {tags.get('seed')}] {r.info.status}: "
+                           f"{tags.get('failure_reason', 'no val_acc logged')}")
+            continue
+        g = groups.setdefault(tuple(tricks), Group(tricks))
+        g.val.append(100 * metrics["val_acc"])
+        g.train.append(100 * metrics.get("train_acc", math.nan))
+        g.runs.append(r)
+    if design is None:
+        design = max(set(designs), key=designs.count) if designs else "ladder"
+    d = DESIGNS["ladder" if design == SINGLE else design]  # a hand-made sweep: the ladder as far as it goes
+    specs = d.rows(order) if order else []
+    if d.name == "ladder" and designs and "ladder" not in designs:
+        top = max((len(k) for k in tried if list(k) == order[:len(k)]), default=-1)
+        specs = specs[:top + 1]
+    rows = [_row(spec, specs, groups, d, slide) for spec in specs]
+    wanted = [spec.tricks for spec in specs]
+    missing = [",".join(k) or "baseline" for k in wanted if k not in groups]
+    extra = [",".join(k) or "baseline" for k in groups if k not in wanted]
+    return Table(d, order, rows, groups, ignored, missing, extra)
+
+
+def fmt(x: float | None, spec: str = ".2f", plus: bool = False) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, ("+" if plus else "") + spec)
+
+
+def markdown(t: Table, title: str) -> str:
+    labels = " | ".join(t.design.label_columns)
+    lines = [f"## {title}", "",
+             f"| {labels} | n | val acc % (mean ± std) | 95% CI | {t.design.delta_column} [95% CI] | verdict | "
+             "train acc % | train−val gap | slide val % |", "|---" * (8 + len(t.design.label_columns)) + "|"]
+    for r in t.rows:
+        ci = f"[{fmt(r.val_ci_lo)}, {fmt(r.val_ci_hi)}]" if r.n > 1 else "–"
+        d = fmt(r.delta, plus=True) + (f" [{fmt(r.delta_ci_lo, plus=True)}, {fmt(r.delta_ci_hi, plus=True)}]"
+                                       if not math.isnan(r.delta_ci_lo) else "")
+        val = f"{fmt(r.val_mean)} ± {fmt(r.val_std)}" if r.n > 1 else fmt(r.val_mean)
+        lines.append(f"| {' | '.join(r.label)} | {r.n} | {val if r.n else 'missing'} | {ci} | {d} | {r.verdict} | "
+                     f"{fmt(r.train_mean)} | {fmt(r.gap, plus=True)} | {fmt(r.slide, '.1f')} |")
+    lines += ["", f"Verdicts: {VERDICT_TEST} on the final-epoch val accuracy of each seed; 'gain'/'loss' when the "
+              "95% CI of the difference excludes 0."]
+    if t.missing:
+        lines.append(f"Missing (no FINISHED run): {'; '.join(f'[{m}]' for m in t.missing)}.")
+    if t.extra:
+        lines.append(f"Also in this sweep, outside the {t.design.name} design (not in the table): "
+                     f"{'; '.join(f'[{m}]' for m in t.extra)}.")
+    if t.ignored:
+        lines.append(f"Ignored {len(t.ignored)} run(s) that did not finish:")
+        lines += [f"- {x}" for x in t.ignored]
+    return "\n".join(lines) + "\n"
+
+
+def compare_markdown(a: Table, b: Table, name_a: str, name_b: str) -> str:
+    """Two experiments side by side, row by row (e.g. original CIFAR-10 vs the JPEG mirror)."""
+    lines = [f"## {a.design.name}: {name_a} vs {name_b}", "",
+             f"| row | {name_a} val % (n) | {name_b} val % (n) | {name_b} − {name_a} [95% CI] | verdict |",
+             "|---|---|---|---|---|"]
+    b_rows = {r.row: r for r in b.rows}
+    for ra in a.rows:
+        rb = b_rows.get(ra.row)
+        ga, gb = a.group_of(ra), b.group_of(rb) if rb else None
+        c = compare(gb.val if gb else [], ga.val if ga else [])
+        ci = f" [{fmt(c.lo, plus=True)}, {fmt(c.hi, plus=True)}]" if not math.isnan(c.lo) else ""
+        lines.append(f"| {ra.row} | {fmt(ra.val_mean)} ({ra.n}) | {fmt(rb.val_mean) if rb else '–'} "
+                     f"({rb.n if rb else 0}) | {fmt(c.delta, plus=True)}{ci} | {c.verdict} |")
+    lines += ["", f"Verdicts: {VERDICT_TEST}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(t: Table, path: Path) -> None:
+    def cell(v):
+        return "" if isinstance(v, float) and math.isnan(v) else v
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS if t.rows else ["design"])
+        w.writeheader()
+        for r in t.rows:
+            values = {c: cell(getattr(r, c)) for c in CSV_COLUMNS[3:]}
+            w.writerow({"design": t.design.name, "row": r.row, "tricks": ",".join(r.tricks), **values})

@@ -10,7 +10,7 @@ PORT   ?= 5000
 # (torchvision downloads it into ./data once). Override with e.g. DATA_ARGS='data=cifar10'.
 DATA_ARGS ?= $(if $(wildcard $(MIRROR)),data=imagefolder data.path=$(MIRROR),data=cifar10)
 
-.PHONY: help install demo test test-slow ladder report ui bench clean
+.PHONY: help install demo test test-slow ladder gpu-run report ui bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,9 +35,13 @@ test: install  ## the test suite, all but the multi-process launcher tests
 test-slow: install  ## the multi-process launcher tests (8 parallel jobs, submitit): a few minutes on 2 cores
 	$(BIN)/python -m pytest -q -m slow
 
-ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds on the JPEG mirror, then its report
-	$(BIN)/python -m cifar_ablation experiment=slide_ladder data.path=$(DATA)
+ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds (CIFAR-10, or the mirror here), then its report
+	@echo "ladder data: $(DATA_ARGS)"
+	$(BIN)/python -m cifar_ablation experiment=slide_ladder $(DATA_ARGS)
 	$(BIN)/python -m cifar_ablation.report --experiment slide-ladder --out experiments/slide_ladder
+
+gpu-run:  ## the prepared GPU run of issue #10 (bench, GPU tests, ladder) into OUT=gpu_out; --tiny: TINY=--tiny
+	bash experiments/gpu_run.sh $(TINY) $(or $(OUT),gpu_out)
 
 bench: install  ## textbook DataLoader loop vs the trainer, then K concurrent runs (CPU-sized; see --help)
 	$(BIN)/python -m cifar_ablation.bench --data $(DATA)

@@ -64,8 +64,11 @@ def textbook(cfg, images: Images, device: torch.device, workers: int) -> tuple[f
     mean, std = images.channel_stats()
     normalize = [T.ToTensor(), T.Normalize(mean.tolist(), std.tolist())]
     steps = [T.RandomHorizontalFlip(cfg.trick.flip.p)] if "flip" in cfg.trick else []
-    if "crop" in cfg.trick:
-        steps.append(T.RandomResizedCrop(32, scale=tuple(cfg.trick.crop.scale), ratio=tuple(cfg.trick.crop.ratio)))
+    crop = cfg.trick.get("crop")
+    if crop is not None and crop.mode == "translate":
+        steps.append(T.RandomCrop(32, padding=crop.pad, padding_mode="reflect"))
+    elif crop is not None:
+        steps.append(T.RandomResizedCrop(32, scale=tuple(crop.scale), ratio=tuple(crop.ratio)))
     loader = DataLoader(PILImages(images.train_x, images.train_y, T.Compose([*steps, *normalize])),
                         batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, ListConfig
 
 from .checks import ConfigError, boolean, interval, non_empty, number, one_of, optional, require
 from .designs import DESIGNS, SINGLE
+from .steps import graph_blocker
 from .tricks import TRICKS
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -35,6 +36,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("force", "train.amp", "train.channels_last", "train.compile", "train.checkpoint", "optim.nesterov"):
         require(cfg, key, boolean)
     require(cfg, "train.progress_every_s", number(0))
+    require(cfg, "train.cuda_graph", lambda v: None if v == "auto" or isinstance(v, bool) else "auto, true or false")
+    if cfg.train.cuda_graph is True:
+        device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+        blocker = graph_blocker(cfg, device)
+        if blocker:
+            raise ConfigError("train.cuda_graph", True, f"auto or false for this run: {blocker}")
 
     require(cfg, "optim.name", one_of(*OPTIMIZERS))
     require(cfg, "optim.lr", number(0, lo_open=True))

@@ -66,6 +66,7 @@ class Table:
     ignored: list[str]   # failed / unfinished runs
     missing: list[str]   # configurations the design needs that have no finished run
     extra: list[str]     # finished configurations outside the design
+    sources: list[str]   # the data the finished runs trained on (their data_source tags)
 
     def group_of(self, row: Row) -> Group | None:
         return self.groups.get(row.tricks)
@@ -121,10 +122,11 @@ def build_table(runs, design: str | None = None) -> Table:
         top = max((len(k) for k in tried if list(k) == order[:len(k)]), default=-1)
         specs = specs[:top + 1]
     rows = [_row(spec, specs, groups, d, slide) for spec in specs]
+    sources = sorted({r.data.tags.get("data_source", "unknown") for g in groups.values() for r in g.runs})
     wanted = [spec.tricks for spec in specs]
     missing = [",".join(k) or "baseline" for k in wanted if k not in groups]
     extra = [",".join(k) or "baseline" for k in groups if k not in wanted]
-    return Table(d, order, rows, groups, ignored, missing, extra)
+    return Table(d, order, rows, groups, ignored, missing, extra, sources)
 
 
 def fmt(x: float | None, spec: str = ".2f", plus: bool = False) -> str:
@@ -145,6 +147,8 @@ def markdown(t: Table, title: str) -> str:
                      f"{fmt(r.train_mean)} | {fmt(r.gap, plus=True)} | {fmt(r.slide, '.1f')} |")
     lines += ["", f"Verdicts: {VERDICT_TEST} on the final-epoch val accuracy of each seed; 'gain'/'loss' when the "
               "95% CI of the difference excludes 0."]
+    if t.sources:
+        lines.append(f"Data: {'; '.join(t.sources)}.")
     if t.missing:
         lines.append(f"Missing (no FINISHED run): {'; '.join(f'[{m}]' for m in t.missing)}.")
     if t.extra:

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from . import tricks
 from .data import DeviceLoader, Images
 from .model import Arch, build_model, count_parameters
+from .steps import EagerStep, graph_blocker, make_step
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,17 @@ def pick_device(name: str, slot: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int):
-    params = model.parameters()
+def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int, graph: bool = False):
+    """The optimizer and its per-step schedule. graph=True (Adam/AdamW only): capturable, with the learning rate
+    a tensor on the device that the schedule fills in place, so a captured step reads each new value."""
+    params = list(model.parameters())
     if cfg.name == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                               weight_decay=cfg.weight_decay)
     else:
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-        opt = cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        lr = torch.tensor(float(cfg.lr), device=params[0].device) if graph else cfg.lr
+        opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, capturable=graph)
     if cfg.schedule == "onecycle" and total_steps >= 4:
         # each phase needs 2+ steps; very short runs (smoke tests) stretch the warm-up to 2 steps
         pct = min(max(cfg.warmup_frac, 2 / total_steps), 0.5)
@@ -83,10 +87,13 @@ class Parts:
     train_loader: DeviceLoader
     val_loader: DeviceLoader
     fmt: torch.memory_format
+    step: EagerStep = None        # the training step (steps.py): eager, or captured as a CUDA graph
 
     def autocast(self):
-        """bf16 autocast on CUDA with train.amp; a no-op context on CPU."""
-        return torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.train.amp)
+        """bf16 autocast on CUDA with train.amp; a no-op context on CPU. No weight cache: a captured graph
+        must not keep casts made outside it (and each weight is cast once per step anyway)."""
+        return torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.train.amp,
+                              cache_enabled=False)
 
 
 def setup(cfg: Any, images: Images, device: torch.device) -> Parts:
@@ -100,9 +107,12 @@ def setup(cfg: Any, images: Images, device: torch.device) -> Parts:
     train_loader = DeviceLoader(images.train_x, images.train_y, mean, std, cfg.train.batch_size, device,
                                 train=True, gen=gen, augment=lambda x: tricks.augment(x, cfg.trick, gen))
     val_loader = DeviceLoader(images.test_x, images.test_y, mean, std, cfg.train.eval_batch_size, device)
-    opt, sched = make_optimizer(model, cfg.optim, cfg.train.epochs * len(train_loader))
+    graph = str(cfg.train.cuda_graph).lower() != "false" and graph_blocker(cfg, device) is None
+    opt, sched = make_optimizer(model, cfg.optim, cfg.train.epochs * len(train_loader), graph=graph)
     forward = torch.compile(model) if cfg.train.compile else model
-    return Parts(cfg, device, model, forward, opt, sched, gen, train_loader, val_loader, fmt)
+    p = Parts(cfg, device, model, forward, opt, sched, gen, train_loader, val_loader, fmt)
+    p.step = make_step(p)
+    return p
 
 
 def checkpoint_state(p: Parts, epoch: int) -> dict:
@@ -126,27 +136,16 @@ def restore(p: Parts, state: dict) -> int:
 
 
 def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> tuple[float, float, float | None]:
-    """One pass over the training batches: batch tricks inside the loader, the loss trick added to the loss.
-    Returns mean loss, accuracy, and (with time_first_step) the seconds of the first step, compilation's."""
+    """One pass over the training batches (batch tricks inside the loader), one p.step and one schedule step
+    per batch. Returns mean loss, accuracy, and (with time_first_step) the seconds of the first step."""
     cfg, loader = p.cfg, p.train_loader
     t0 = last_print = time.perf_counter()
     first_step = None
     p.model.train()
-    loss_sum = torch.zeros((), device=p.device)
-    correct = torch.zeros((), device=p.device, dtype=torch.long)
+    p.step.reset()
     for i, (x, y) in enumerate(loader):
-        x = x.contiguous(memory_format=p.fmt)
-        with p.autocast():
-            logits = p.forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
-        extra = tricks.penalty(p.model, cfg.trick)
-        total = loss if extra is None else loss + extra
-        p.opt.zero_grad(set_to_none=True)
-        total.backward()
-        p.opt.step()
+        loss = p.step(x, y)
         p.sched.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
         if i == 0 and time_first_step:
             if p.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -157,7 +156,7 @@ def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> tuple[fl
             log.info("epoch %d/%d  step %d/%d  loss %.3f  epoch ETA %s", epoch, cfg.train.epochs, i + 1,
                      len(loader), loss.item(), eta(left))
     seen = len(loader) * loader.batch_size
-    return loss_sum.item() / seen, correct.item() / seen, first_step
+    return p.step.loss_sum.item() / seen, p.step.correct.item() / seen, first_step
 
 
 @torch.no_grad()
@@ -201,7 +200,7 @@ def train(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics, s
         val_loss, val_acc = evaluate(p)
         epoch_seconds = time.perf_counter() - t0
         metrics = dict(train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-                       lr=p.sched.get_last_lr()[0], epoch_seconds=epoch_seconds,
+                       lr=float(p.sched.get_last_lr()[0]), epoch_seconds=epoch_seconds,
                        images_per_second=seen / max(train_seconds, 1e-9))
         remaining = (time.perf_counter() - started) / (epoch - first + 1) * (epochs - epoch)
         log.info("epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  %.1fs (%s img/s)  ETA %s",

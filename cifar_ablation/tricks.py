@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from .checks import Check, interval, number, one_of
 from .model import Arch, kernels
@@ -128,8 +129,27 @@ def crop_boxes(n: int, size: int, cfg: Any, gen: torch.Generator, device: torch.
     return torch.where((pos[:, 2] < cfg.p).unsqueeze(1), boxes, full)
 
 
-@trick("batch", p=number(0, 1), scale=interval(0, 1, lo_open=True), ratio=interval(0, None, lo_open=True))
+def translate(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomCrop(size, padding=pad, padding_mode='reflect'), batched: each image (with
+    probability p; else the centre window, itself) is reflect-padded by `pad` and cut back to its size at a
+    uniformly drawn offset."""
+    n, c, h, w = x.shape
+    pad = int(cfg.pad)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    off = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen, device=x.device)
+    off = torch.where(_coin(x, cfg.p, gen).view(n, 1), off, torch.full_like(off, pad))
+    rows = (off[:, :1] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    cols = (off[:, 1:] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+@trick("batch", p=number(0, 1), scale=interval(0, 1, lo_open=True), ratio=interval(0, None, lo_open=True),
+       mode=one_of("resize", "translate"), pad=number(1, 16, integer=True))
 def crop(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:
+    """mode=resize: the slide's crop-and-resize (RandomResizedCrop); mode=translate: a reflect-pad-and-crop
+    translation (RandomCrop with padding), the form fast CIFAR-10 recipes use."""
+    if cfg.mode == "translate":
+        return translate(x, cfg, gen)
     from torchvision.ops import roi_align  # imported on first use: torchvision takes seconds to import
 
     n, _, size, _ = x.shape

@@ -21,7 +21,11 @@ import cifar_ablation  # noqa: F401  (registers the design_sweep resolver)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-JPEG_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# The real CIFAR-10 as JPEG: $CIFAR_ABLATION_JPEG, else data/ in the checkout (where a GPU machine gets it),
+# else the shared folder beside the checkout (here and in CI).
+JPEG_ARCHIVE = next((p for p in (Path(os.environ.get("CIFAR_ABLATION_JPEG", "/nonexistent")),
+                                 ROOT / "data" / "cifar10-jpeg.tar.gz") if p.is_file()),
+                    ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 CLASSES = ["cat", "dog", "frog"]
 # Small and fast for every CLI job: a two-block net on 200 training and 60 validation images.
 TINY = ["model.widths=[8,16]", "model.dense=32", "train.batch_size=50", "train.eval_batch_size=100",

@@ -26,9 +26,12 @@ def slow_data(imagefolder, tmp_path) -> list[str]:
 
 
 def start(args: list[str], cwd) -> subprocess.Popen:
+    """The CLI as a child process that takes Ctrl-C as a terminal's foreground job does, even where the tests
+    run in the background (a shell starts background jobs with SIGINT ignored, and children inherit that)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "cifar_ablation", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(proc: subprocess.Popen, text: str, timeout: float = 180) -> str:

@@ -124,6 +124,20 @@ def test_crop_resizes_each_box_back_to_32(make_cfg):
     assert slope == pytest.approx(0.5, abs=0.02)
 
 
+def test_translate_crop_is_a_window_of_the_reflect_padded_image(make_cfg):
+    cfg = make_cfg("trick=[crop]", "trick.crop.mode=translate").trick.crop
+    x = batch(2000)
+    out = tricks.crop(x, cfg, gen())
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    windows = padded.unfold(2, 32, 1).unfold(3, 32, 1)            # (n, c, 9, 9, 32, 32): every offset
+    match = (windows == out[:, :, None, None]).flatten(4).all(4).all(1)  # (n, 9, 9): which offsets fit
+    assert bool(match.flatten(1).any(1).all())                      # every image is one window
+    dy = match.any(2).float().argmax(1)
+    assert abs(dy.float().mean().item() - 4) < 0.25 and set(dy.tolist()) == set(range(9))  # uniform over 0..8
+    still = make_cfg("trick=[crop]", "trick.crop.mode=translate", "trick.crop.p=0").trick.crop
+    assert torch.equal(tricks.crop(x, still, gen()), x)             # p=0: the centre window, the image itself
+
+
 def test_l1l2_adds_exactly_the_penalty(make_cfg):
     cfg = make_cfg("trick=[l1l2]", "trick.l1l2.l1=0.001", "trick.l1l2.l2=0.01").trick
     m = model_for(make_cfg)

@@ -1,0 +1,138 @@
+"""The training step, two ways: eager (every op launched from Python), or captured once as a CUDA graph and
+replayed (one launch for forward, loss with the L1/L2 term, backward and the optimizer step).
+
+train_epoch() calls whichever train.setup() chose, then steps the schedule (outside the graph: the learning
+rate is a tensor the graph reads, filled in place by the scheduler). Both kinds accumulate the epoch's loss
+and correct count on the device, so an epoch talks to the host once. Augmentation stays outside the graph:
+the loader's batch is copied into the graph's static input buffers.
+
+The graph follows PyTorch's whole-network capture recipe: the first WARMUP steps run eagerly on a side stream
+(real training steps, not thrown away), the optimizer is capturable (its state on the device), gradients are
+set to None before capture so that backward allocates them from the graph's pool, and autocast's weight cache
+is off. Dropout's RNG is graph-safe (PyTorch advances the generator's offset at each replay).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import tricks
+
+log = logging.getLogger(__name__)
+WARMUP = 3   # eager steps before capture (PyTorch's recipe uses 3; on a side stream)
+MODES = ("auto", "true", "false")
+
+
+class EagerStep:
+    """One optimizer step per call, every op launched from Python. Accumulates loss·n and correct count."""
+
+    kind = "eager"
+
+    def __init__(self, p: Any):
+        self.p = p
+        self.loss_sum = torch.zeros((), device=p.device)
+        self.correct = torch.zeros((), device=p.device, dtype=torch.long)
+
+    def reset(self) -> None:
+        """Zero the accumulators in place (a captured graph keeps writing into these very tensors)."""
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def ops(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward, loss (+ the loss tricks' term), backward, optimizer step, accumulate; returns the loss."""
+        p = self.p
+        with p.autocast():
+            logits = p.forward(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=p.cfg.train.label_smoothing)
+        extra = tricks.penalty(p.model, p.cfg.trick)
+        total = loss if extra is None else loss + extra
+        total.backward()
+        p.opt.step()
+        self.loss_sum += loss.detach() * len(y)
+        self.correct += (logits.argmax(1) == y).sum()
+        return loss
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.p.opt.zero_grad(set_to_none=True)
+        return self.ops(x.contiguous(memory_format=self.p.fmt), y)
+
+
+class GraphStep(EagerStep):
+    """The whole step captured as one CUDA graph after WARMUP eager steps, then replayed. With strict=False
+    (train.cuda_graph=auto) a failed warm-up or capture logs the reason and goes on eagerly, losing nothing:
+    a failed capture executes none of its ops."""
+
+    kind = "cuda_graph"
+
+    def __init__(self, p: Any, strict: bool):
+        super().__init__(p)
+        self.strict, self.warmed, self.graph = strict, 0, None
+        self.fallback: str | None = None   # why the step runs eagerly after all
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.fallback is not None:
+            return super().__call__(x, y)
+        try:
+            if self.graph is None and self.warmed < WARMUP:
+                return self._warm_up(x, y)
+            if self.graph is None:
+                self._capture(x, y)
+        except Exception as e:
+            if self.strict:
+                raise
+            self.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.kind = "eager"
+            log.warning("CUDA graph capture failed, training eagerly from here on (train.cuda_graph=auto): %s",
+                        self.fallback)
+            return super().__call__(x, y)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.loss
+
+    def _warm_up(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        side = torch.cuda.Stream(self.p.device)
+        side.wait_stream(torch.cuda.current_stream(self.p.device))
+        with torch.cuda.stream(side):
+            loss = super().__call__(x, y)
+        torch.cuda.current_stream(self.p.device).wait_stream(side)
+        self.warmed += 1
+        return loss
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Record the step on static buffers holding this batch (recording runs nothing: replay below does)."""
+        self.x = x.contiguous(memory_format=self.p.fmt).clone(memory_format=self.p.fmt)
+        self.y = y.clone()
+        self.p.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loss = self.ops(self.x, self.y)
+        self.graph = graph
+        log.info("training step captured as a CUDA graph after %d eager warm-up steps", self.warmed)
+
+
+def graph_blocker(cfg: Any, device: torch.device) -> str | None:
+    """Why this run cannot capture its step (None: it can)."""
+    if device.type != "cuda":
+        return f"the device is {device.type}: CUDA graphs need a CUDA device"
+    if cfg.train.compile:
+        return "train.compile=true: torch.compile makes its own graphs"
+    if cfg.optim.name == "sgd":
+        return "optim.name=sgd: its momentum (and the one-cycle momentum schedule) would be frozen into the graph"
+    return None
+
+
+def make_step(p: Any) -> EagerStep:
+    """train.cuda_graph: auto captures when it can and says why not; true insists; false never captures."""
+    mode = str(p.cfg.train.cuda_graph).lower()
+    blocker = graph_blocker(p.cfg, p.device)
+    if mode == "false" or blocker is not None:
+        if mode == "true":
+            raise RuntimeError(f"train.cuda_graph=true, but {blocker}")
+        if mode == "auto" and p.device.type == "cuda":
+            log.info("training step: eager, %s", blocker)
+        return EagerStep(p)
+    return GraphStep(p, strict=mode == "true")

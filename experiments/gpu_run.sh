@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One prepared run on a bare GPU machine (issue #10): the GPU tests, the full-size benchmark, then the slide's
+# 27-run ladder (all of seed 0, then seed 1, then seed 2, so a run cut short still leaves whole seeds) and its
+# report. Everything it produces goes under OUT as it comes, at most 8 files (what the device tool returns):
+#   run.log             every step's output and its wall time
+#   bench.json          the benchmark's numbers
+#   mlflow.db           the tracking store of the ladder (re-report it later: report --tracking-uri sqlite:///…)
+#   slide_ladder/       ladder.md, ladder.csv and the three figures
+#
+#   experiments/gpu_run.sh [--tiny] [OUT]      (make gpu-run; OUT defaults to $OUT, else gpu_out)
+#
+# The GPU machine has python3 with torch but no Hydra or MLflow, no network, and no ../shared: carry the wheels
+# (../shared/tools/offline-wheels.sh .whl mlflow submitit pytest) and the data (data/cifar10-jpeg.tar.gz) in
+# the checkout; the script installs the wheels into /tmp/site when Hydra is missing. --tiny is the same script
+# at toy sizes on the CPU, for rehearsal here (tests/test_gpu_run.py runs it).
+# Budget (seconds of the whole run): GPU_RUN_BUDGET, default 530 (the device tool allows 600 per command).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+TINY=0
+if [ "${1:-}" = "--tiny" ]; then TINY=1; shift; fi
+OUT=${1:-${OUT:-gpu_out}}
+PY=${PYTHON:-python3}
+WORK=${WORK:-$(mktemp -d /tmp/gpu_run.XXXX)}
+BUDGET=${GPU_RUN_BUDGET:-530}
+T0=$(date +%s)
+mkdir -p "$OUT/slide_ladder" "$WORK"
+LOG="$OUT/run.log"
+export PYTHONUNBUFFERED=1
+
+log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# step NAME SECONDS CMD...: run CMD with at most SECONDS (never past the budget), its output into the log
+step() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  if [ "$limit" -le 5 ]; then log "== $name: skipped, the budget is spent"; return 1; fi
+  log "== $name (at most ${limit}s): $*"
+  start=$(date +%s)
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  log "== $name: exit $rc after $(( $(date +%s) - start ))s"
+  return $rc
+}
+
+# --- 1. environment: Hydra and MLflow from the carried wheels where missing; the data ----------------------
+if ! $PY -c "import hydra, mlflow" 2>/dev/null; then
+  step wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+DATA=${DATA:-}
+for f in data/cifar10-jpeg.tar.gz ../shared/data/cifar10-jpeg.tar.gz; do
+  [ -z "$DATA" ] && [ -f "$f" ] && DATA=$(realpath "$f")
+done
+[ -n "$DATA" ] || { log "no data: put cifar10-jpeg.tar.gz in data/ or set DATA"; exit 1; }
+export CIFAR_ABLATION_JPEG=$DATA
+log "python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')"
+log "data: $DATA; store: $WORK/mlflow.db; tiny: $TINY"
+if [ $TINY = 1 ]; then
+  SIZE=(data.subset=200 data.val_subset=100 'model.widths=[8,16]' model.dense=32 train.batch_size=50
+        train.eval_batch_size=100 train.epochs=1 device=cpu jobs_per_device=2)
+  BENCH=(--subset 200 --val-subset 100 --epochs 1 --batch-size 50 --workers 0 --concurrent 2 --device cpu)
+else
+  SIZE=(jobs_per_device=9)
+  BENCH=(--subset 50000 --val-subset 10000 --epochs 3 --batch-size 128 --workers 8 --concurrent 9)
+fi
+
+# --- 2. the GPU tests (skipped with their reason on a CPU) ---------------------------------------------------
+step gpu-tests 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py \
+  tests/test_learning.py::test_cuda_path_learns_clearly_above_chance \
+  tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change
+
+# --- 3. the benchmark at full size ---------------------------------------------------------------------------
+step bench 150 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json"
+
+# --- 4. the ladder, one seed at a time, then its report --------------------------------------------------------
+STORE=sqlite:///$WORK/mlflow.db
+for seed in 0 1 2; do
+  step "ladder seed $seed" 600 $PY -m cifar_ablation experiment=slide_ladder "hydra.sweeper.params.seed=$seed" \
+    data=imagefolder "data.path=$DATA" hydra/launcher=parallel train.checkpoint=false train.progress_every_s=0 \
+    "${SIZE[@]}" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder \
+    "hydra.sweep.dir=$WORK/multirun/seed$seed"
+  rc=$?
+  if [ $rc = 124 ] || [ $rc = 137 ]; then log "the budget ended inside seed $seed: no further seeds"; break; fi
+done
+BUDGET=$(( BUDGET + 40 ))  # the report runs even when the ladder used the whole budget
+step report 40 $PY -m cifar_ablation.report --tracking-uri "$STORE" --experiment slide-ladder --sweep all \
+  --out "$OUT/slide_ladder"
+cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null
+log "done in $(( $(date +%s) - T0 ))s"

@@ -1,0 +1,87 @@
+"""The CUDA paths: the captured training step against the eager one, learning, and resume after SIGKILL.
+Skipped without a GPU (CI has none); experiments/gpu_run.sh runs them first on an H100."""
+from __future__ import annotations
+
+import logging
+import signal
+
+import pytest
+import torch
+
+from cifar_ablation.data import load_images
+from cifar_ablation.train import setup, train
+
+from .conftest import JPEG_ARCHIVE, run_cli, runs_in
+from .test_faults import start, wait_for
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA paths need a CUDA device")
+CUDA = ["data=imagefolder", f"data.path={JPEG_ARCHIVE}", "data.subset=6400", "data.val_subset=1000", "device=cuda",
+        "train.progress_every_s=0"]
+# Without dropout: a replayed graph draws dropout's random numbers from other generator offsets than eager
+# steps do, so only the dropout-free step can be compared step by step. Augmentation runs outside the graph.
+NO_DROPOUT = "trick=[noise,batchnorm,l1l2,flip,crop]"
+
+
+def step_losses(cfg, images, steps: int) -> list[float]:
+    p = setup(cfg, images, torch.device("cuda"))
+    p.model.train()
+    losses = []
+    while len(losses) < steps:
+        for x, y in p.train_loader:
+            losses.append(p.step(x, y).item())
+            p.sched.step()
+            if len(losses) == steps:
+                break
+    return losses, p.step
+
+
+def test_graph_and_eager_steps_give_the_same_loss_curve(make_cfg, jpeg_cache):
+    """Tolerance: every one of the first 50 losses within 0.05 of the eager one (bf16 autocast and cuDNN's
+    nondeterministic backward make two eager runs differ too; the mean gap is printed to calibrate)."""
+    args = [*CUDA, f"data.cache_dir={jpeg_cache}", NO_DROPOUT, "train.epochs=2"]
+    images = load_images(make_cfg(*args).data)
+    eager, eager_step = step_losses(make_cfg(*args, "train.cuda_graph=false"), images, 50)
+    graph, graph_step = step_losses(make_cfg(*args, "train.cuda_graph=true"), images, 50)
+    assert eager_step.kind == "eager" and graph_step.kind == "cuda_graph" and graph_step.graph is not None
+    gaps = [abs(a - b) for a, b in zip(eager, graph)]
+    print(f"graph vs eager, first 50 step losses: max gap {max(gaps):.4f}, mean gap {sum(gaps) / 50:.4f}; "
+          f"loss {eager[0]:.3f} -> {eager[-1]:.3f}")
+    assert max(gaps) < 0.05, gaps
+    assert eager[-1] < eager[0] - 0.1  # and it is a curve: the loss fell
+
+
+def test_a_short_cuda_run_on_the_graph_path_learns(make_cfg, jpeg_cache, caplog):
+    cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "trick=[batchnorm,dropout,flip,crop]", "train.epochs=4")
+    with caplog.at_level(logging.INFO):
+        metrics = train(cfg, load_images(cfg.data), device=torch.device("cuda"))
+    assert "training step captured as a CUDA graph" in caplog.text
+    print(f"graph path, 4 epochs on 6,400 images: val_acc {metrics['val_acc']:.3f}, "
+          f"{metrics['images_per_second']:,.0f} images/s")
+    assert metrics["val_acc"] > 0.35, metrics
+
+
+def test_a_killed_cuda_run_resumes_on_the_graph_path(tmp_path, jpeg_cache):
+    """SIGKILL mid-run, relaunch: the same run resumes from its checkpoint and logs each epoch once. On CUDA
+    the state is restored exactly (weights, optimizer, schedule, every RNG) but cuDNN's backward is not
+    bitwise deterministic, so the final numbers are compared within a tolerance, not exactly."""
+    db = tmp_path / "m.db"
+    args = [*CUDA, f"data.cache_dir={jpeg_cache}", "trick=[batchnorm,flip]", "train.epochs=6",
+            f"mlflow.tracking_uri=sqlite:///{db}"]
+    proc = start([*args, "mlflow.experiment=resume"], tmp_path)
+    wait_for(proc, "epoch 3/6")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = run_cli([*args, "mlflow.experiment=resume"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert "resuming from the checkpoint of epoch" in out and "captured as a CUDA graph" in out
+    client, (run,) = runs_in(db, "resume")
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3, 4, 5, 6]
+    ref = run_cli([*args, "mlflow.experiment=reference"], tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    _, (reference,) = runs_in(db, "reference")
+    gap = abs(run.data.metrics["val_acc"] - reference.data.metrics["val_acc"])
+    print(f"resumed vs uninterrupted val_acc: {run.data.metrics['val_acc']:.4f} vs "
+          f"{reference.data.metrics['val_acc']:.4f}")
+    assert gap < 0.03

@@ -1,0 +1,33 @@
+"""The prepared GPU run (experiments/gpu_run.sh) rehearsed in its tiny CPU mode: every step runs, the results
+land under OUT as the device tool returns them (at most 8 files, 2 folders down), the ladder has 3 seeds."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+@pytest.mark.slow
+def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "DATA": str(imagefolder("tar", per_class=80)),
+           "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1", "GPU_RUN_BUDGET": "400"}
+    res = subprocess.run(["bash", "experiments/gpu_run.sh", "--tiny", str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    log = (out / "run.log").read_text()
+    assert res.returncode == 0, log[-4000:] + res.stderr[-2000:]
+    for step in ("gpu-tests", "bench", "ladder seed 0", "ladder seed 1", "ladder seed 2", "report"):
+        assert f"== {step}: exit 0" in log, step
+    assert "skipped" in log  # the GPU tests, with their reason, on a CPU
+    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files
+    assert {"run.log", "bench.json", "mlflow.db"} <= {str(f) for f in files}
+    rows = list(csv.DictReader(open(out / "slide_ladder" / "ladder.csv")))
+    assert [r["row"] for r in rows][:2] == ["0 baseline", "1 noise"] and len(rows) == 9
+    assert all(r["n"] == "3" for r in rows), [(r["row"], r["n"]) for r in rows]  # seeds 0, 1, 2
+    assert (out / "slide_ladder" / "ladder_accuracy.png").exists()

@@ -1,0 +1,92 @@
+"""The training step's switch (train.cuda_graph), its fallback and the tensor learning rate, on CPU.
+The CUDA graph itself is tested where a GPU is (tests/test_gpu.py)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from cifar_ablation.checks import ConfigError
+from cifar_ablation.config import validate
+from cifar_ablation.data import Images
+from cifar_ablation.steps import EagerStep, GraphStep, graph_blocker, make_step
+from cifar_ablation.train import make_optimizer, setup, train_epoch
+
+SMALL = ["model.widths=[8,16]", "model.dense=32", "train.batch_size=32", "train.epochs=2", "device=cpu",
+         "trick=[batchnorm,dropout,l1l2,flip,noise]"]
+
+
+def random_images(n: int = 256, seed: int = 0) -> Images:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return Images(x, y, x[:64].clone(), y[:64].clone(), [str(c) for c in range(10)], "random", "none")
+
+
+@pytest.mark.parametrize("value,allowed", [("maybe", "auto, true or false"), (True, "CUDA graphs need a CUDA device")])
+def test_the_switch_is_checked(make_cfg, value, allowed):
+    cfg = make_cfg("device=cpu", f"train.cuda_graph={str(value).lower()}")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.key == "train.cuda_graph" and allowed in str(err.value)
+    validate(make_cfg("device=cpu", "train.cuda_graph=false"))
+    validate(make_cfg("device=cpu", "train.cuda_graph=auto"))
+
+
+def test_what_blocks_a_graph(make_cfg):
+    cuda = torch.device("cuda")  # a device object needs no GPU
+    assert graph_blocker(make_cfg(), cuda) is None                      # Adam, eager model: capturable
+    assert "optim.name=sgd" in graph_blocker(make_cfg("optim=sgd"), cuda)
+    assert "train.compile" in graph_blocker(make_cfg("train.compile=true"), cuda)
+    assert "cpu" in graph_blocker(make_cfg(), torch.device("cpu"))
+
+
+def test_cpu_runs_eagerly_whatever_the_switch_says_auto(make_cfg):
+    images = random_images()
+    for mode in ("auto", "false"):
+        p = setup(make_cfg(*SMALL, f"train.cuda_graph={mode}"), images, torch.device("cpu"))
+        assert type(p.step) is EagerStep and not p.opt.param_groups[0]["capturable"]
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):  # validate() stops this earlier
+        setup(make_cfg(*SMALL, "train.cuda_graph=true"), images, torch.device("cpu"))
+
+
+def test_a_failed_capture_falls_back_to_eager_losing_nothing(make_cfg, caplog):
+    """A graph step that cannot capture (here: no CUDA at all) trains on eagerly, with the reason logged, and
+    gives exactly the numbers of a run that was eager from the start."""
+    cfg, images = make_cfg(*SMALL), random_images()
+    eager = setup(cfg, images, torch.device("cpu"))  # setup() seeds: one run after the other, not interleaved
+    reference = [train_epoch(eager, e) for e in (1, 2)]
+    graph = setup(cfg, images, torch.device("cpu"))
+    graph.step = GraphStep(graph, strict=False)
+    with caplog.at_level(logging.WARNING):
+        assert [train_epoch(graph, e) for e in (1, 2)] == reference
+    assert graph.step.fallback and graph.step.kind == "eager"
+    assert "CUDA graph capture failed, training eagerly" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(eager.model.state_dict().values(), graph.model.state_dict().values()))
+
+    strict = setup(cfg, images, torch.device("cpu"))
+    strict.step = GraphStep(strict, strict=True)
+    with pytest.raises(Exception):
+        train_epoch(strict, 1)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_the_tensor_learning_rate_follows_the_schedule(make_cfg, schedule):
+    """The graph reads the learning rate from one tensor: the schedule must fill that very tensor in place,
+    with the values the float learning rate of the eager path takes."""
+    cfg = make_cfg(f"optim.schedule={schedule}", "optim.lr=0.003")
+    model = torch.nn.Linear(4, 2)
+    opt_f, sched_f = make_optimizer(model, cfg.optim, 40)
+    opt_t, sched_t = make_optimizer(model, cfg.optim, 40, graph=True)
+    lr = opt_t.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and opt_t.param_groups[0]["capturable"]
+    seen = []
+    for _ in range(40):
+        assert opt_t.param_groups[0]["lr"] is lr
+        assert lr.item() == pytest.approx(opt_f.param_groups[0]["lr"], rel=1e-6)
+        seen.append(lr.item())
+        for opt, sched in ((opt_f, sched_f), (opt_t, sched_t)):
+            opt.step()  # no gradients: changes nothing, but keeps the scheduler's call-order check quiet
+            sched.step()
+    assert len(set(seen)) == 1 if schedule == "constant" else len(set(seen)) > 30  # it stayed, or really moved

@@ -10,7 +10,7 @@ PORT   ?= 5000
 # (torchvision downloads it into ./data once). Override with e.g. DATA_ARGS='data=cifar10'.
 DATA_ARGS ?= $(if $(wildcard $(MIRROR)),data=imagefolder data.path=$(MIRROR),data=cifar10)
 
-.PHONY: help install demo test test-slow ladder gpu-run report ui bench clean
+.PHONY: help install demo test test-slow ladder gpu-prep gpu-run report ui bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,7 +40,12 @@ ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds (CIFAR-10, 
 	$(BIN)/python -m cifar_ablation experiment=slide_ladder $(DATA_ARGS)
 	$(BIN)/python -m cifar_ablation.report --experiment slide-ladder --out experiments/slide_ladder
 
-gpu-run:  ## the prepared GPU run of issue #10 (bench, GPU tests, ladder) into OUT=gpu_out; --tiny: TINY=--tiny
+gpu-prep:  ## before a GPU run: MLflow/Hydra wheels into .whl/, the JPEG mirror into data/ (both git-ignored)
+	bash ../shared/tools/offline-wheels.sh .whl
+	mkdir -p data && cp $(MIRROR) data/cifar10-jpeg.tar.gz
+	du -shc .whl data/cifar10-jpeg.tar.gz
+
+gpu-run:  ## the prepared GPU run of issue #10 (GPU tests, bench, ladder) into OUT=gpu_out; TINY=--tiny on a CPU
 	bash experiments/gpu_run.sh $(TINY) $(or $(OUT),gpu_out)
 
 bench: install  ## textbook DataLoader loop vs the trainer, then K concurrent runs (CPU-sized; see --help)

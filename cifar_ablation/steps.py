@@ -125,14 +125,16 @@ def graph_blocker(cfg: Any, device: torch.device) -> str | None:
     return None
 
 
-def make_step(p: Any) -> EagerStep:
-    """train.cuda_graph: auto captures when it can and says why not; true insists; false never captures."""
-    mode = str(p.cfg.train.cuda_graph).lower()
-    blocker = graph_blocker(p.cfg, p.device)
-    if mode == "false" or blocker is not None:
-        if mode == "true":
-            raise RuntimeError(f"train.cuda_graph=true, but {blocker}")
-        if mode == "auto" and p.device.type == "cuda":
-            log.info("training step: eager, %s", blocker)
-        return EagerStep(p)
-    return GraphStep(p, strict=mode == "true")
+def captures(cfg: Any, device: torch.device) -> bool:
+    """train.cuda_graph on this device: auto captures where nothing blocks it (and says why not on CUDA);
+    true insists (validate() refuses it where it cannot); false never captures."""
+    mode, blocker = str(cfg.train.cuda_graph).lower(), graph_blocker(cfg, device)
+    if mode == "true" and blocker is not None:
+        raise RuntimeError(f"train.cuda_graph=true, but {blocker}")
+    if mode == "auto" and blocker is not None and device.type == "cuda":
+        log.info("training step: eager, %s", blocker)
+    return mode != "false" and blocker is None
+
+
+def make_step(p: Any, capture: bool) -> EagerStep:
+    return GraphStep(p, strict=str(p.cfg.train.cuda_graph).lower() == "true") if capture else EagerStep(p)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from . import tricks
 from .data import DeviceLoader, Images
 from .model import Arch, build_model, count_parameters
-from .steps import EagerStep, graph_blocker, make_step
+from .steps import EagerStep, captures, make_step
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Parts:
     train_loader: DeviceLoader
     val_loader: DeviceLoader
     fmt: torch.memory_format
-    step: EagerStep = None        # the training step (steps.py): eager, or captured as a CUDA graph
+    step: EagerStep | None = None  # the training step (steps.py): eager, or captured as a CUDA graph
 
     def autocast(self):
         """bf16 autocast on CUDA with train.amp; a no-op context on CPU. No weight cache: a captured graph
@@ -107,11 +107,11 @@ def setup(cfg: Any, images: Images, device: torch.device) -> Parts:
     train_loader = DeviceLoader(images.train_x, images.train_y, mean, std, cfg.train.batch_size, device,
                                 train=True, gen=gen, augment=lambda x: tricks.augment(x, cfg.trick, gen))
     val_loader = DeviceLoader(images.test_x, images.test_y, mean, std, cfg.train.eval_batch_size, device)
-    graph = str(cfg.train.cuda_graph).lower() != "false" and graph_blocker(cfg, device) is None
-    opt, sched = make_optimizer(model, cfg.optim, cfg.train.epochs * len(train_loader), graph=graph)
+    capture = captures(cfg, device)  # a captured step needs a capturable optimizer with a tensor lr
+    opt, sched = make_optimizer(model, cfg.optim, cfg.train.epochs * len(train_loader), graph=capture)
     forward = torch.compile(model) if cfg.train.compile else model
     p = Parts(cfg, device, model, forward, opt, sched, gen, train_loader, val_loader, fmt)
-    p.step = make_step(p)
+    p.step = make_step(p, capture)
     return p
 
 
@@ -192,7 +192,8 @@ def train(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics, s
     started = time.perf_counter()
     for epoch in range(first, epochs + 1):
         t0 = time.perf_counter()
-        train_loss, train_acc, compile_seconds = train_epoch(p, epoch, time_first_step=cfg.train.compile and epoch == first)
+        timed = cfg.train.compile and epoch == first  # the first step compiles: timed apart
+        train_loss, train_acc, compile_seconds = train_epoch(p, epoch, time_first_step=timed)
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"train loss is {train_loss} at epoch {epoch}: lower optim.lr "
                                 f"(now {cfg.optim.lr}) or the l1l2 strengths, or turn on batchnorm")

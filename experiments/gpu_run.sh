@@ -10,7 +10,7 @@
 #   experiments/gpu_run.sh [--tiny] [OUT]      (make gpu-run; OUT defaults to $OUT, else gpu_out)
 #
 # The GPU machine has python3 with torch but no Hydra or MLflow, no network, and no ../shared: carry the wheels
-# (../shared/tools/offline-wheels.sh .whl mlflow submitit pytest) and the data (data/cifar10-jpeg.tar.gz) in
+# (make gpu-prep: ../shared/tools/offline-wheels.sh .whl) and the data (data/cifar10-jpeg.tar.gz) in
 # the checkout; the script installs the wheels into /tmp/site when Hydra is missing. --tiny is the same script
 # at toy sizes on the CPU, for rehearsal here (tests/test_gpu_run.py runs it).
 # Budget (seconds of the whole run): GPU_RUN_BUDGET, default 530 (the device tool allows 600 per command).

@@ -126,7 +126,7 @@ def checkpoint_state(p: Parts, epoch: int) -> dict:
 def restore(p: Parts, state: dict) -> int:
     """Put a checkpoint_state() back; returns the epoch to go on with."""
     p.model.load_state_dict(state["model"])
-    p.opt.load_state_dict(state["optimizer"])
+    p.opt.load_state_dict(_as_this_optimizer(state["optimizer"], p.opt))
     p.sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if p.device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -172,6 +172,21 @@ def evaluate(p: Parts) -> tuple[float, float]:
         correct += (logits.argmax(1) == y).sum()
     n = len(p.val_loader.y)
     return loss_sum.item() / n, correct.item() / n
+
+
+def _as_this_optimizer(saved: dict, opt: torch.optim.Optimizer) -> dict:
+    """A saved optimizer state with this run's kind of step: train.cuda_graph may differ from the run that saved
+    it (it does not change the result), and a captured step needs a capturable optimizer with a tensor lr, an
+    eager one a float lr. The values stay the saved ones."""
+    groups = []
+    for g, mine in zip(saved["param_groups"], opt.param_groups):
+        g = dict(g)
+        if "capturable" in mine:
+            g["capturable"] = mine["capturable"]
+        lr = float(g["lr"])
+        g["lr"] = torch.tensor(lr, device=mine["lr"].device) if isinstance(mine["lr"], torch.Tensor) else lr
+        groups.append(g)
+    return {**saved, "param_groups": groups}
 
 
 OnEpoch = Callable[[int, "dict[str, float]", Callable[[], dict]], None]

@@ -90,3 +90,30 @@ def test_the_tensor_learning_rate_follows_the_schedule(make_cfg, schedule):
             opt.step()  # no gradients: changes nothing, but keeps the scheduler's call-order check quiet
             sched.step()
     assert len(set(seen)) == 1 if schedule == "constant" else len(set(seen)) > 30  # it stayed, or really moved
+
+
+@pytest.mark.parametrize("saved_graph,resume_graph", [(True, False), (False, True)])
+def test_a_checkpoint_resumes_on_the_other_kind_of_step(make_cfg, saved_graph, resume_graph):
+    """train.cuda_graph does not change the result, so a run may resume with the other setting: the optimizer
+    keeps the saved values but takes the kind (capturable, tensor or float lr) of the step that resumes it."""
+    from cifar_ablation.train import checkpoint_state, restore
+
+    cfg, images = make_cfg(*SMALL), random_images()
+    saver = setup(cfg, images, torch.device("cpu"))
+    saver.opt, saver.sched = make_optimizer(saver.model, cfg.optim, 100, graph=saved_graph)
+    for _ in range(5):
+        saver.opt.step()  # no gradients yet: only the scheduler's call-order check sees it
+        saver.sched.step()
+    state = {**checkpoint_state(saver, 1), "metrics": {}}
+    saved_lr = float(saver.opt.param_groups[0]["lr"])
+    p = setup(cfg, images, torch.device("cpu"))
+    p.opt, p.sched = make_optimizer(p.model, cfg.optim, 100, graph=resume_graph)
+    assert restore(p, state) == 2
+    group = p.opt.param_groups[0]
+    assert group["capturable"] is resume_graph and isinstance(group["lr"], torch.Tensor) is resume_graph
+    assert float(group["lr"]) == pytest.approx(saved_lr)
+    p.opt.step()
+    p.sched.step()
+    saver.opt.step()
+    saver.sched.step()
+    assert float(p.opt.param_groups[0]["lr"]) == pytest.approx(float(saver.opt.param_groups[0]["lr"]))

@@ -85,7 +85,8 @@ def _row(spec: RowSpec, specs: list[RowSpec], groups: dict[tuple, Group], design
         c = Comparison(NAN, NAN, NAN, NAN, "reference" if val else "missing")
     else:
         ref = groups.get(specs[spec.reference].tricks)
-        c = compare(ref.val if ref else [], val) if design.reference_minus_row else compare(val, ref.val if ref else [])
+        ref_val = ref.val if ref else []
+        c = compare(ref_val, val) if design.reference_minus_row else compare(val, ref_val)
     train = statistics.fmean(g.train) if g and g.train else NAN
     return Row(spec.label, spec.tricks, s.n, s.mean, s.std, s.lo, s.hi, c.delta, c.lo, c.hi, c.p, c.verdict,
                train, train - s.mean, slide.get(spec.label[-1]) if design.slide_column else None)

@@ -151,6 +151,8 @@ BAD = [
     ("trick.crop.scale=[0.9,0.5]", "trick=[crop]", "trick.crop.scale", "a <= b"),
     ("trick.instancenorm.position=middle", "trick=[instancenorm]", "trick.instancenorm.position", "input, blocks"),
     ("trick.capacity.width_mult=0", "trick=[capacity]", "trick.capacity.width_mult", "> 0"),
+    ("trick.crop.mode=zoom", "trick=[crop]", "trick.crop.mode", "resize, translate"),
+    ("trick.crop.pad=0", "trick=[crop]", "trick.crop.pad", "integer >= 1 and <= 16"),
     ("train.epochs=0", "trick=[]", "train.epochs", "integer >= 1"),
     ("train.batch_size=2.5", "trick=[]", "train.batch_size", "integer >= 1"),
     ("optim.lr=0", "trick=[]", "optim.lr", "> 0"),

@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> float | None:
 
     from .config import validate
     from .data import load_images
-    from .jobrun import SKIP, claim, job_run
+    from .jobrun import SKIP, claim, job_run, join_sweep
     from .tracking import open_experiment
     from .train import pick_device, train
 
@@ -32,6 +32,7 @@ def main(cfg: DictConfig) -> float | None:
     if c.action == SKIP:
         log.info("skipping %s seed %s: FINISHED run %s already holds this config (force=true re-runs it)",
                  tricks or "baseline", cfg.seed, c.run.info.run_id)
+        join_sweep(client, c.run.info.run_id, moved=False)  # the sweep's report still shows it
         return c.run.data.metrics.get("val_acc")
     with job_run(cfg, tricks, client, exp_id, c) as run:
         images = load_images(cfg.data)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .designs import rung
 from .identity import flat_params, semantic_hash
-from .tracking import JOB, PARENT_ENV, ROLE, owner, process_alive
+from .tracking import JOB, MEMBER, PARENT_ENV, ROLE, owner, process_alive
 
 log = logging.getLogger(__name__)
 SKIP, REFUSE, RESUME, CREATE = "skip", "refuse", "resume", "create"
@@ -151,9 +151,19 @@ def job_tags(cfg: DictConfig, tricks: list[str]) -> dict[str, str]:
             "git_commit": git_commit()}
 
 
+def join_sweep(client: MlflowClient, run_id: str, moved: bool) -> None:
+    """Record that the sweep being launched (if any) uses this run. A run it resumes moves into it (sweep id and
+    the UI's nesting); a FINISHED run it reuses as it is stays nested under the sweep that trained it."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tags = {f"{MEMBER}{parent}": "1", **({"sweep_id": parent, "mlflow.parentRunId": parent} if moved else {})}
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
 def _bookkeeping(cfg: DictConfig, client: MlflowClient, run_id: str, old) -> None:
-    """A new run gets its sweep id, params and resolved config; a resumed one loses its old failure reason.
-    Both get the owner tags of the process that runs them now."""
+    """A new run gets its sweep id, params and resolved config; a resumed one joins the sweep resuming it and
+    loses its old failure reason. Both get the owner tags of the process that runs them now."""
+    join_sweep(client, run_id, moved=old is not None)
     if old is None:
         client.set_tag(run_id, "sweep_id", os.environ.get(PARENT_ENV) or run_id)  # a single run: a sweep of one
         params = [Param(k, v) for k, v in flat_params(cfg).items()]

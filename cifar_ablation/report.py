@@ -21,26 +21,30 @@ from mlflow.exceptions import MlflowException
 
 from .designs import DESIGNS
 from .tables import Table, build_table, compare_markdown, markdown, write_csv
-from .tracking import JOB, REPORT, ROLE, SWEEP, client_for
+from .tracking import JOB, REPORT, ROLE, SWEEP, client_for, sweep_jobs
 
 
 def load_sweep(client, exp_id: str, sweep: str):
-    """The job runs of one sweep ('latest': of the most recently started job; 'all': every job run)."""
-    base = f"tags.`{ROLE}` = '{JOB}'"
+    """The job runs of one sweep, those it reused included ('latest': the most recently launched sweep or
+    single run; 'all': every job run of the experiment)."""
+    if sweep == "all":
+        return sweep, client.search_runs([exp_id], f"tags.`{ROLE}` = '{JOB}'", max_results=50000)
     if sweep == "latest":
-        last = client.search_runs([exp_id], base, order_by=["attributes.start_time DESC"], max_results=1)
+        last = [r for role in (JOB, SWEEP) for r in client.search_runs(
+            [exp_id], f"tags.`{ROLE}` = '{role}'", order_by=["attributes.start_time DESC"], max_results=1)]
         if not last:
             return None, []
-        sweep = last[0].data.tags["sweep_id"]
-    filt = base if sweep == "all" else f"{base} and tags.sweep_id = '{sweep}'"
-    return sweep, client.search_runs([exp_id], filt, max_results=50000)
+        sweep = max(last, key=lambda r: r.info.start_time).data.tags["sweep_id"]
+    return sweep, sweep_jobs(client, exp_id, sweep)
 
 
-def is_sweep_run(client, run_id: str) -> bool:
+def sweep_run(client, run_id: str):
+    """The sweep's parent run (None for 'all', a single run's own id, or an unknown id)."""
     try:
-        return client.get_run(run_id).data.tags.get(ROLE) == SWEEP
+        run = client.get_run(run_id)
     except MlflowException:
-        return False
+        return None
+    return run if run.data.tags.get(ROLE) == SWEEP else None
 
 
 def sweep_table(client, experiment: str, sweep: str, design: str | None) -> tuple[str, str, list, Table]:
@@ -52,7 +56,8 @@ def sweep_table(client, experiment: str, sweep: str, design: str | None) -> tupl
     sweep_id, runs = load_sweep(client, exp.experiment_id, sweep)
     if not runs:
         raise LookupError(f"no job runs for sweep {sweep!r} in experiment {experiment!r}")
-    return exp.experiment_id, sweep_id, runs, build_table(runs, design)
+    parent = sweep_run(client, sweep_id)  # the sweep's own design, not that of the runs it reused
+    return exp.experiment_id, sweep_id, runs, build_table(runs, design or (parent and parent.data.tags.get("design")))
 
 
 def write_report(client, exp_id: str, sweep: str, table: Table, text: str, out: Path, figures: bool) -> list[Path]:
@@ -67,7 +72,7 @@ def write_report(client, exp_id: str, sweep: str, table: Table, text: str, out: 
         from .figures import draw_all  # matplotlib: only when drawing
         files += draw_all(table, client, out)
     tags = {ROLE: REPORT, "sweep_id": sweep, "design": name}
-    if sweep != "all" and is_sweep_run(client, sweep):
+    if sweep != "all" and sweep_run(client, sweep) is not None:
         tags["mlflow.parentRunId"] = sweep  # the report shows under its sweep in the UI
     run = client.create_run(exp_id, run_name=f"report {name}", tags=tags)
     for f in files:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from .checks import CONF_DIR
 from .designs import DESIGNS, SINGLE, Design, RowSpec
 from .stats import NAN, VERDICT_TEST, Comparison, compare, summary
 
@@ -88,8 +92,16 @@ def _row(spec: RowSpec, specs: list[RowSpec], groups: dict[tuple, Group], design
         ref_val = ref.val if ref else []
         c = compare(ref_val, val) if design.reference_minus_row else compare(val, ref_val)
     train = statistics.fmean(g.train) if g and g.train else NAN
+    # the slide's number only where this rung is the slide's rung: the same tricks, added in the slide's order
+    same_rung = list(spec.tricks) == slide_order()[:len(spec.tricks)]
     return Row(spec.label, spec.tricks, s.n, s.mean, s.std, s.lo, s.hi, c.delta, c.lo, c.hi, c.p, c.verdict,
-               train, train - s.mean, slide.get(spec.label[-1]) if design.slide_column else None)
+               train, train - s.mean, slide.get(spec.label[-1]) if design.slide_column and same_rung else None)
+
+
+@functools.cache
+def slide_order() -> list[str]:
+    """The order the slide adds its tricks in: the keys of ablation.slide in conf/config.yaml."""
+    return [k for k in OmegaConf.load(CONF_DIR / "config.yaml").ablation.slide if k != "baseline"]
 
 
 def build_table(runs, design: str | None = None) -> Table:

@@ -24,6 +24,9 @@ from .config import validate
 log = logging.getLogger(__name__)
 PARENT_ENV = "CIFAR_ABLATION_SWEEP_RUN"   # the sweep's parent run id, inherited by every job process
 ROLE, SWEEP, JOB, REPORT = "cifar_ablation.role", "sweep", "job", "report"
+# A job run belongs to every sweep that created, resumed or reused it (skipped as already FINISHED): each of
+# those sweeps tags it f"{MEMBER}<sweep id>" = "1". Its sweep_id tag names the sweep that trained it last.
+MEMBER = "in_sweep."
 
 
 def client_for(uri: str) -> MlflowClient:
@@ -44,6 +47,16 @@ def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:
         return client, client.create_experiment(cfg.mlflow.experiment)
     except MlflowException:  # another launcher made it first
         return client, client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+
+
+def sweep_jobs(client: MlflowClient, exp_id: str, sweep_id: str) -> list:
+    """The job runs of one sweep, each once: those it trained, and those it resumed or reused. (Runs logged
+    before membership tags existed are found by their sweep_id.)"""
+    runs: dict[str, Any] = {}
+    for which in (f"tags.sweep_id = '{sweep_id}'", f"tags.`{MEMBER}{sweep_id}` = '1'"):
+        for r in client.search_runs([exp_id], f"tags.`{ROLE}` = '{JOB}' and {which}", max_results=50000):
+            runs.setdefault(r.info.run_id, r)
+    return list(runs.values())
 
 
 def owner() -> dict[str, str]:
@@ -104,9 +117,8 @@ class SweepTracking(Callback):
         parent, self.parent = self.parent, None
         os.environ.pop(PARENT_ENV, None)
         exp_id = self.client.get_run(parent).info.experiment_id
-        jobs = self.client.search_runs([exp_id], f"tags.sweep_id = '{parent}' and tags.`{ROLE}` = '{JOB}'")
         counts: dict[str, int] = {}
-        for r in jobs:
+        for r in sweep_jobs(self.client, exp_id, parent):
             status = r.info.status
             if status == "RUNNING" and not process_alive(r):  # SIGKILL, OOM killer, a dead worker
                 status = "KILLED"

@@ -95,3 +95,25 @@ def test_each_design_sweeps_and_reports(tmp_path, imagefolder, capsys, design, r
     table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
     assert [ln[2:].split(" | 2 | ")[0] for ln in table] == rows  # the row's label, then n = 2
     assert (tmp_path / f"{design}.md").exists() and (tmp_path / f"{design}_accuracy.png").exists()
+
+
+def test_a_sweep_report_holds_the_runs_it_reused(tmp_path, imagefolder, capsys):
+    """A ladder, then a leave-one-out over the same order in the same experiment: the second sweep trains only
+    what the first did not, and its report still holds every row of its design (the reused runs too)."""
+    db = tmp_path / "m.db"
+    common = [*TINY, "ablation.order=[noise,flip]", "data=imagefolder", f"data.path={imagefolder('tar', per_class=80)}",
+              f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=mix"]
+    assert run_cli(["experiment=ladder", *common], tmp_path).returncode == 0   # [], [noise], [noise,flip]
+    res = run_cli(["experiment=leave_one_out", *common], tmp_path)           # [noise,flip], [flip], [noise]
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (res.stdout + res.stderr).count("skipping") == 2                   # [noise,flip] and [noise]
+    client, runs = runs_in(db, "mix")
+    assert len([r for r in runs if r.data.tags[ROLE] == JOB]) == 4           # 3 + the one new
+    latest = max((r for r in runs if r.data.tags[ROLE] == SWEEP), key=lambda r: r.info.start_time)
+    assert latest.info.status == "FINISHED" and latest.data.tags["job_states"] == "FINISHED: 3"
+    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "mix", "--out", str(tmp_path / "r"),
+                        "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "leave_one_out" in out and "Missing" not in out, out
+    rows = [ln.split(" | ")[0][2:] for ln in out.splitlines() if ln.startswith("| ")][1:]
+    assert rows == ["all tricks", "without noise", "without flip"]

@@ -13,6 +13,7 @@ from cifar_ablation.tables import build_table
 from cifar_ablation.tracking import JOB, REPORT, ROLE
 
 ORDER = ["noise", "batchnorm", "dropout"]
+SLIDE = {"baseline": "80.2", "noise": "80.9", "batchnorm": "82.0", "flip": "90.7"}
 
 
 @pytest.fixture
@@ -20,15 +21,16 @@ def store(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'r.db'}")
 
     def add(experiment: str, runs: dict[tuple, list[float]], design: str = "ladder", sweep: str = "s1",
-            failed: dict[tuple, str] | None = None):
+            failed: dict[tuple, str] | None = None, order: list[str] = ORDER):
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
         for tricks, vals in runs.items():
             for seed, v in enumerate(vals):
                 r = client.create_run(exp_id, tags={ROLE: JOB, "tricks": ",".join(tricks) or "baseline",
                                                     "design": design, "sweep_id": sweep, "seed": str(seed)})
-                client.log_param(r.info.run_id, "ablation.order", str(ORDER))
-                client.log_param(r.info.run_id, "ablation.slide.baseline", "80.2")
+                client.log_param(r.info.run_id, "ablation.order", str(order))
+                for name, acc in SLIDE.items():
+                    client.log_param(r.info.run_id, f"ablation.slide.{name}", acc)
                 client.log_metric(r.info.run_id, "val_acc", v / 100, step=1)
                 client.log_metric(r.info.run_id, "train_acc", (v + 5) / 100, step=1)
                 client.set_terminated(r.info.run_id, "FINISHED")
@@ -129,3 +131,12 @@ def test_a_missing_reference_makes_its_comparisons_missing(store):
     assert t.rows[0].verdict == "missing" and t.rows[0].n == 0          # the baseline itself
     assert t.rows[1].row == "+ noise" and t.rows[1].verdict == "missing"  # nothing to compare with
     assert t.rows[1].val_mean == 81.5 and math.isnan(t.rows[1].delta)
+
+
+def test_the_slides_numbers_stand_only_beside_the_slides_rungs(store):
+    client, add, _ = store
+    exp = add("slide", {(): [80, 81], ("noise",): [81, 82]})
+    assert [r.slide for r in build_table(load_sweep(client, exp, "latest")[1]).rows] == [80.2, 80.9, 82.0, None]
+    exp = add("custom", {(): [80, 81], ("flip",): [85, 86], ("flip", "noise"): [86, 87]}, order=["flip", "noise"])
+    t = build_table(load_sweep(client, exp, "latest")[1])
+    assert [(r.row, r.slide) for r in t.rows] == [("0 baseline", 80.2), ("1 flip", None), ("2 noise", None)]

@@ -57,6 +57,16 @@ def semantic_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def is_semantic(key: str) -> bool:
+    return any(key == c or key.startswith(c + ".") for c in SEMANTIC)
+
+
+def group_key(params: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """One configuration, from a run's logged params: what changes its result, but the seed (replicates differ
+    in it) and ablation.order (it only says where a trick set sits in a design)."""
+    return tuple(sorted((k, v) for k, v in params.items() if is_semantic(k) and k not in ("seed", "ablation.order")))
+
+
 def classified(key: str) -> list[str]:
     """The entries of SEMANTIC and NON_SEMANTIC that cover a dotted key (exactly one, for every key of conf/)."""
     return [c for c in SEMANTIC + NON_SEMANTIC if key == c or key.startswith(c + ".")]

@@ -10,7 +10,6 @@ import ast
 import csv
 import functools
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,19 +17,8 @@ from omegaconf import OmegaConf
 
 from .checks import CONF_DIR
 from .designs import DESIGNS, SINGLE, Design, RowSpec
+from .groups import Group, group_runs
 from .stats import NAN, VERDICT_TEST, Comparison, compare, summary
-
-
-@dataclass
-class Group:
-    tricks: list[str]
-    val: list[float] = field(default_factory=list)     # final val accuracy (%) of each FINISHED run
-    train: list[float] = field(default_factory=list)
-    runs: list = field(default_factory=list)           # the FINISHED runs
-
-    @property
-    def n(self) -> int:
-        return len(self.val)
 
 
 @dataclass(frozen=True)
@@ -51,6 +39,8 @@ class Row:
     train_mean: float
     gap: float                 # train − val
     slide: float | None        # the slide's val accuracy for this rung (ladder only)
+    reference: str = ""        # the row it was compared with ("" for a reference row)
+    group: tuple = ()          # its configuration (groups.Group.key)
 
     @property
     def row(self) -> str:
@@ -58,7 +48,7 @@ class Row:
 
 
 CSV_COLUMNS = ("design", "row", "tricks", "n", "val_mean", "val_std", "val_ci_lo", "val_ci_hi", "delta",
-               "delta_ci_lo", "delta_ci_hi", "p_value", "verdict", "train_mean", "gap", "slide")
+               "delta_ci_lo", "delta_ci_hi", "p_value", "verdict", "train_mean", "gap", "slide", "reference")
 
 
 @dataclass
@@ -66,36 +56,52 @@ class Table:
     design: Design
     order: list[str]
     rows: list[Row]
-    groups: dict[tuple, Group]
+    groups: dict[tuple, list[Group]]   # each trick set's configurations
     ignored: list[str]   # failed / unfinished runs
     missing: list[str]   # configurations the design needs that have no finished run
     extra: list[str]     # finished configurations outside the design
     sources: list[str]   # the data the finished runs trained on (their data_source tags)
+    notes: list[str] = field(default_factory=list)   # repeated seeds
 
     def group_of(self, row: Row) -> Group | None:
-        return self.groups.get(row.tricks)
+        return next((g for g in self.groups.get(row.tricks, []) if g.key == row.group), None)
+
+    @property
+    def varied(self) -> bool:
+        """Some trick set has several configurations: every comparison then names its reference."""
+        return any(len(gs) > 1 for gs in self.groups.values())
 
 
 def parse_tricks(tag: str | None) -> list[str]:
     return [] if not tag or tag == "baseline" else tag.split(",")
 
 
-def _row(spec: RowSpec, specs: list[RowSpec], groups: dict[tuple, Group], design: Design,
-         slide: dict[str, float]) -> Row:
-    g = groups.get(spec.tricks)
-    val = g.val if g else []
-    s = summary(val)
-    if spec.reference is None:
-        c = Comparison(NAN, NAN, NAN, NAN, "reference" if val else "missing")
-    else:
-        ref = groups.get(specs[spec.reference].tricks)
-        ref_val = ref.val if ref else []
-        c = compare(ref_val, val) if design.reference_minus_row else compare(val, ref_val)
-    train = statistics.fmean(g.train) if g and g.train else NAN
+def _rows(spec: RowSpec, specs: list[RowSpec], groups: dict[tuple, list[Group]], design: Design,
+          slide: dict[str, float]) -> list[Row]:
+    """The rows of one design row: one per configuration of its trick set (one 'missing' row without any),
+    each compared with the configuration of its reference trick set that agrees with it on the rest."""
     # the slide's number only where this rung is the slide's rung: the same tricks, added in the slide's order
     same_rung = list(spec.tricks) == slide_order()[:len(spec.tricks)]
-    return Row(spec.label, spec.tricks, s.n, s.mean, s.std, s.lo, s.hi, c.delta, c.lo, c.hi, c.p, c.verdict,
-               train, train - s.mean, slide.get(spec.label[-1]) if design.slide_column and same_rung else None)
+    slide_val = slide.get(spec.label[-1]) if design.slide_column and same_rung else None
+    rows = []
+    for g in groups.get(spec.tricks) or [None]:
+        if spec.reference is None:
+            pairs = [(None, Comparison(NAN, NAN, NAN, NAN, "reference" if g else "missing"))]
+        else:
+            refs = [r for r in groups.get(specs[spec.reference].tricks, []) if g is None or g.agrees_with(r)]
+            pairs = [(r, compare(r.val, g.val if g else []) if design.reference_minus_row else
+                      compare(g.val if g else [], r.val)) for r in refs] or [(None, compare([], []))]
+            if not refs and groups.get(specs[spec.reference].tricks):  # a reference, but none with these settings
+                pairs = [(None, Comparison(NAN, NAN, NAN, NAN, "no reference with the same settings"))]
+        for ref, c in pairs:
+            s = summary(g.val if g else [])
+            train = g.train_mean if g else NAN
+            label = spec.label[:-1] + (spec.label[-1] + (f" ({g.label})" if g and g.label else ""),)
+            name = "" if spec.reference is None else " ".join(specs[spec.reference].label) + \
+                (f" ({ref.label})" if ref is not None and ref.label else "")
+            rows.append(Row(label, spec.tricks, s.n, s.mean, s.std, s.lo, s.hi, c.delta, c.lo, c.hi, c.p, c.verdict,
+                            train, train - s.mean, slide_val, name, g.key if g else ()))
+    return rows
 
 
 @functools.cache
@@ -105,28 +111,27 @@ def slide_order() -> list[str]:
 
 
 def build_table(runs, design: str | None = None) -> Table:
-    groups: dict[tuple, Group] = {}
     ignored: list[str] = []
     order: list[str] = []
     slide: dict[str, float] = {}
     designs: list[str] = []
     tried: set[tuple] = set()  # every trick set with a run, finished or not
+    finished, trick_sets = [], []
     for r in runs:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
         if not order and "ablation.order" in params:
             order = list(ast.literal_eval(params["ablation.order"]))
             slide = {k.split(".")[-1]: float(v) for k, v in params.items() if k.startswith("ablation.slide.")}
         designs.append(tags.get("design", SINGLE))
-        tricks = parse_tricks(tags.get("tricks"))
-        tried.add(tuple(tricks))
+        tricks = tuple(parse_tricks(tags.get("tricks")))
+        tried.add(tricks)
         if r.info.status != "FINISHED" or "val_acc" not in metrics:
             ignored.append(f"{r.info.run_id} [{tags.get('tricks')} seed {tags.get('seed')}] {r.info.status}: "
                            f"{tags.get('failure_reason', 'no val_acc logged')}")
             continue
-        g = groups.setdefault(tuple(tricks), Group(tricks))
-        g.val.append(100 * metrics["val_acc"])
-        g.train.append(100 * metrics.get("train_acc", math.nan))
-        g.runs.append(r)
+        finished.append(r)
+        trick_sets.append(tricks)
+    groups, notes = group_runs(finished, trick_sets)
     if design is None:
         design = max(set(designs), key=designs.count) if designs else "ladder"
     d = DESIGNS["ladder" if design == SINGLE else design]  # a hand-made sweep: the ladder as far as it goes
@@ -134,12 +139,12 @@ def build_table(runs, design: str | None = None) -> Table:
     if d.name == "ladder" and designs and "ladder" not in designs:
         top = max((len(k) for k in tried if list(k) == order[:len(k)]), default=-1)
         specs = specs[:top + 1]
-    rows = [_row(spec, specs, groups, d, slide) for spec in specs]
-    sources = sorted({r.data.tags.get("data_source", "unknown") for g in groups.values() for r in g.runs})
+    rows = [row for spec in specs for row in _rows(spec, specs, groups, d, slide)]
+    sources = sorted({r.data.tags.get("data_source", "unknown") for r in finished})
     wanted = [spec.tricks for spec in specs]
     missing = [",".join(k) or "baseline" for k in wanted if k not in groups]
     extra = [",".join(k) or "baseline" for k in groups if k not in wanted]
-    return Table(d, order, rows, groups, ignored, missing, extra, sources)
+    return Table(d, order, rows, groups, ignored, missing, extra, sources, notes)
 
 
 def fmt(x: float | None, spec: str = ".2f", plus: bool = False) -> str:
@@ -155,6 +160,8 @@ def markdown(t: Table, title: str) -> str:
         ci = f"[{fmt(r.val_ci_lo)}, {fmt(r.val_ci_hi)}]" if r.n > 1 else "–"
         d = fmt(r.delta, plus=True) + (f" [{fmt(r.delta_ci_lo, plus=True)}, {fmt(r.delta_ci_hi, plus=True)}]"
                                        if not math.isnan(r.delta_ci_lo) else "")
+        if t.varied and r.reference:
+            d += f" vs {r.reference}"
         val = f"{fmt(r.val_mean)} ± {fmt(r.val_std)}" if r.n > 1 else fmt(r.val_mean)
         lines.append(f"| {' | '.join(r.label)} | {r.n} | {val if r.n else 'missing'} | {ci} | {d} | {r.verdict} | "
                      f"{fmt(r.train_mean)} | {fmt(r.gap, plus=True)} | {fmt(r.slide, '.1f')} |")
@@ -167,6 +174,10 @@ def markdown(t: Table, title: str) -> str:
     if t.extra:
         lines.append(f"Also in this sweep, outside the {t.design.name} design (not in the table): "
                      f"{'; '.join(f'[{m}]' for m in t.extra)}.")
+    if t.varied:
+        lines.append("Runs of one trick set that differ in other settings are separate rows, labelled by what "
+                     "differs; each is compared with the reference configuration that agrees with it on the rest.")
+    lines += [f"Note: {n}." for n in t.notes]
     if t.ignored:
         lines.append(f"Ignored {len(t.ignored)} run(s) that did not finish:")
         lines += [f"- {x}" for x in t.ignored]

@@ -9,7 +9,7 @@ from scipy import stats as st
 
 from cifar_ablation.report import load_sweep, main
 from cifar_ablation.stats import compare, summary
-from cifar_ablation.tables import build_table
+from cifar_ablation.tables import build_table, markdown
 from cifar_ablation.tracking import JOB, REPORT, ROLE
 
 ORDER = ["noise", "batchnorm", "dropout"]
@@ -140,3 +140,48 @@ def test_the_slides_numbers_stand_only_beside_the_slides_rungs(store):
     exp = add("custom", {(): [80, 81], ("flip",): [85, 86], ("flip", "noise"): [86, 87]}, order=["flip", "noise"])
     t = build_table(load_sweep(client, exp, "latest")[1])
     assert [(r.row, r.slide) for r in t.rows] == [("0 baseline", 80.2), ("1 flip", None), ("2 noise", None)]
+
+
+def job(client, exp_id: str, tricks: str, seed: int, val: float, params: dict[str, str], sweep: str = "s",
+        design: str = "one_at_a_time") -> str:
+    """A FINISHED job run as the app logs one: its tags, its (flattened) params, its final metrics."""
+    r = client.create_run(exp_id, tags={ROLE: JOB, "tricks": tricks, "design": design, "sweep_id": sweep,
+                                        "seed": str(seed)})
+    for k, v in {"ablation.order": str(ORDER), "seed": str(seed), **params}.items():
+        client.log_param(r.info.run_id, k, v)
+    client.log_metric(r.info.run_id, "val_acc", val / 100, step=1)
+    client.set_terminated(r.info.run_id, "FINISHED")
+    return r.info.run_id
+
+
+def test_a_group_is_one_configuration_not_a_trick_set(store):
+    """Two noise configurations of seed 0 in one experiment are two rows of n=1, never one row of n=2; each is
+    compared with the baseline that has its other settings, or says there is none."""
+    client, _, _ = store
+    exp = client.create_experiment("groups")
+    base = {"optim.lr": "0.001", "model.dense": "512"}
+    job(client, exp, "baseline", 0, 10.0, {**base, "trick": "{}"})
+    job(client, exp, "baseline", 1, 11.0, {**base, "trick": "{}"})
+    job(client, exp, "noise", 0, 11.0, {**base, "trick.noise.std": "0.01"})
+    job(client, exp, "noise", 0, 13.0, {**base, "optim.lr": "0.01", "trick.noise.std": "0.5"})
+    job(client, exp, "noise", 1, 12.0, {**base, "trick.noise.std": "0.01", "seed": "1"})
+    t = build_table(load_sweep(client, exp, "all")[1])
+    rows = {r.row: r for r in t.rows}
+    assert list(rows) == ["baseline", "+ noise (lr=0.001, std=0.01)", "+ noise (lr=0.01, std=0.5)", "+ batchnorm",
+                          "+ dropout"]
+    same, other = rows["+ noise (lr=0.001, std=0.01)"], rows["+ noise (lr=0.01, std=0.5)"]
+    assert (same.n, same.val_mean, same.delta, same.reference) == (2, 11.5, 1.0, "baseline")
+    assert (other.n, other.val_mean) == (1, 13.0) and other.verdict == "no reference with the same settings"
+    assert t.varied and "vs baseline" in markdown(t, "t")
+
+
+def test_the_same_seed_twice_is_one_replicate(store):
+    client, _, _ = store
+    exp = client.create_experiment("twice")
+    job(client, exp, "baseline", 0, 10.0, {"trick": "{}"})
+    job(client, exp, "baseline", 1, 12.0, {"trick": "{}"})
+    newer = job(client, exp, "baseline", 1, 14.0, {"trick": "{}"})   # force=true re-ran seed 1
+    t = build_table(load_sweep(client, exp, "all")[1])
+    assert (t.rows[0].n, t.rows[0].val_mean) == (2, 12.0)         # seeds 0 and 1 (the newer run of seed 1)
+    assert len(t.notes) == 1 and newer in t.notes[0] and "one replicate" in t.notes[0]
+    assert "Note: [baseline] seed 1" in markdown(t, "t")

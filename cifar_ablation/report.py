@@ -4,11 +4,12 @@
                                     [--design ladder|leave_one_out|one_at_a_time] [--out DIR]
                                     [--compare EXP_A EXP_B]
 
-Runs are grouped by trick set; seeds aggregate to n, mean ± std and a 95% t-interval of the mean. Each row is
-compared with its reference (the previous rung; the full set; the baseline) by Welch's t-test: the
-difference, its 95% CI, and a verdict (gain / loss / within noise; "n=1: no verdict" without two seeds
-a side). Failed and missing configurations are listed, never silently dropped. Writes <design>.md/.csv
-(and figures, see figures.py) to --out and logs them as artifacts of a report run in the experiment.
+Runs are grouped into configurations (groups.py: everything but the seed); seeds aggregate to n, mean ± std
+and a 95% t-interval of the mean. Each row is compared with its reference (the previous rung; the full set;
+the baseline) by Welch's t-test: the difference, its 95% CI, and a verdict (gain / loss / within noise;
+"n=1: no verdict" without two seeds a side). Failed and missing configurations are listed, never silently
+dropped. Writes <design>.md/.csv (and figures, see figures.py) to --out and logs them as artifacts of a
+report run in the experiment.
 The table itself is tables.py's, its statistics stats.py's.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""From a sweep's MLflow runs to its design's table: rows grouped by trick set, seeds aggregated, each row
-compared with its reference row, rendered as Markdown and CSV. Pure: no MLflow calls, only the runs given.
+"""From a sweep's MLflow runs to its design's table: one row per configuration (groups.py), seeds aggregated,
+each row compared with its reference row, rendered as Markdown and CSV. Pure: no MLflow calls, only the runs.
 
 The design (designs.py) says which trick sets the table has, how each row is labelled and which row it is
 compared with; the statistics are stats.py's. Failed and missing configurations are listed, never dropped.

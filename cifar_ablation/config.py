@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from .checks import ConfigError, boolean, interval, non_empty, number, one_of, optional, require
-from .designs import DESIGNS, SINGLE
+from .designs import DESIGNS, MAX_FACTORIAL, SINGLE
 from .steps import graph_blocker
 from .tricks import TRICKS
 
@@ -25,6 +25,10 @@ def validate(cfg: DictConfig) -> None:
     """Fail fast, before any data is read or a run is opened. A flat list: one line per key."""
     validate_tricks(cfg)
     require(cfg, "ablation.design", one_of(SINGLE, *DESIGNS))
+    if cfg.ablation.design == "factorial" and len(cfg.ablation.order) > MAX_FACTORIAL:
+        raise ConfigError("ablation.order", list(cfg.ablation.order), f"at most {MAX_FACTORIAL} tricks for "
+                          f"experiment=factorial (2**k configurations per seed), e.g. 'ablation.order=[batchnorm,"
+                          "dropout,flip]'")
     require(cfg, "seed", number(0, integer=True))
     require(cfg, "jobs_per_device", number(1, integer=True))
     require(cfg, "device", one_of(*DEVICES))

@@ -53,10 +53,22 @@ def _one_at_a_time(order: list[str]) -> list[RowSpec]:
     return [RowSpec(("baseline",), (), None)] + [RowSpec((f"+ {t}",), (t,), 0) for t in order]
 
 
+def _factorial(order: list[str]) -> list[RowSpec]:
+    """Every subset of the tricks (the full two-level factorial, in pyDOE3's standard order, the baseline
+    first); each against the baseline. The report adds main effects, interactions and Shapley values."""
+    from pyDOE3 import ff2n  # numpy and scipy: only when a factorial is laid out
+
+    sets = [tuple(t for t, level in zip(order, row) if level > 0) for row in ff2n(len(order))] if order else [()]
+    return [RowSpec(("baseline",) if not s else ("+ " + " + ".join(s),), s, None if not s else 0) for s in sets]
+
+
+MAX_FACTORIAL = 6  # tricks in a full factorial: 2**6 = 64 configurations per seed
+
 DESIGNS: dict[str, Design] = {d.name: d for d in (
     Design("ladder", ("rung", "trick added"), "Δ vs previous rung", _ladder, slide_column=True),
     Design("leave_one_out", ("configuration",), "Δ = all − without", _leave_one_out, reference_minus_row=True),
     Design("one_at_a_time", ("configuration",), "Δ vs baseline", _one_at_a_time),
+    Design("factorial", ("configuration",), "Δ vs baseline", _factorial),
 )}
 SINGLE = "single"  # ablation.design of a hand-made run or sweep (`-m trick=...`): no design
 

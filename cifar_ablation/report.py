@@ -1,7 +1,7 @@
 """Read a sweep's runs back from MLflow and print the table its design calls for.
 
     python -m cifar_ablation.report [--tracking-uri URI] [--experiment NAME] [--sweep ID|latest|all]
-                                    [--design ladder|leave_one_out|one_at_a_time] [--out DIR]
+                                    [--design ladder|leave_one_out|one_at_a_time|factorial] [--out DIR]
                                     [--compare EXP_A EXP_B]
 
 Runs are grouped into configurations (groups.py: everything but the seed); seeds aggregate to n, mean ± std
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = markdown(table, f"{table.design.name} — experiment {args.experiment}, sweep {sweep} ({len(runs)} runs)")
+    if table.design.name == "factorial":
+        from .effects import factorial_section  # statsmodels: only for a factorial
+        text += factorial_section(table)
     print(text)
     write_report(client, exp_id, sweep, table, text, Path(args.out), figures=not args.no_figures)
     return 0

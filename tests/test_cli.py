@@ -117,3 +117,25 @@ def test_a_sweep_report_holds_the_runs_it_reused(tmp_path, imagefolder, capsys):
     assert "leave_one_out" in out and "Missing" not in out, out
     rows = [ln.split(" | ")[0][2:] for ln in out.splitlines() if ln.startswith("| ")][1:]
     assert rows == ["all tricks", "without noise", "without flip"]
+
+
+@pytest.mark.slow
+def test_factorial_sweep_reports_effects_and_shapley_values(tmp_path, imagefolder, capsys):
+    db = tmp_path / "m.db"
+    res = run_cli(["experiment=factorial", "ablation.order=[batchnorm,flip,noise]", "seed=0,1", *TINY,
+                   "data=imagefolder", f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/c",
+                   f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=fact"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Launching 16 jobs" in res.stdout + res.stderr      # 2**3 subsets x 2 seeds
+    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "fact", "--out", str(tmp_path / "r"),
+                        "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "| + batchnorm + flip + noise | 2 |" in out and "Missing" not in out
+    assert "### Effects" in out and "| batchnorm × flip |" in out and "residual df 9" in out
+    assert "### Shapley values" in out and "| noise |" in out and "MISMATCH" not in out
+    assert (tmp_path / "r" / "factorial.md").read_text().count("### ") == 2
+
+
+def test_a_full_factorial_of_more_than_six_tricks_is_refused(tmp_path):
+    res = run_cli(["experiment=factorial", "mlflow.tracking_uri=sqlite:///" + str(tmp_path / "m.db")], tmp_path)
+    assert res.returncode != 0 and "ablation.order" in res.stderr and "at most 6 tricks" in res.stderr

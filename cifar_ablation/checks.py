@@ -45,7 +45,7 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 
 def one_of(*values: str) -> Check:
-    return lambda v: None if v in values else "one of " + ", ".join(values)
+    return lambda v: None if v in values else "one of " + ", ".join(map(str, values))
 
 
 def boolean(v: Any) -> str | None:

@@ -11,7 +11,8 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from .checks import ConfigError, boolean, interval, non_empty, number, one_of, optional, require
-from .designs import DESIGNS, MAX_FACTORIAL, SINGLE
+from .designs import DESIGNS, SINGLE
+from .factorial import MAX_FRACTION, MAX_FULL, RESOLUTIONS, plan
 from .steps import graph_blocker
 from .tricks import TRICKS
 
@@ -25,10 +26,7 @@ def validate(cfg: DictConfig) -> None:
     """Fail fast, before any data is read or a run is opened. A flat list: one line per key."""
     validate_tricks(cfg)
     require(cfg, "ablation.design", one_of(SINGLE, *DESIGNS))
-    if cfg.ablation.design == "factorial" and len(cfg.ablation.order) > MAX_FACTORIAL:
-        raise ConfigError("ablation.order", list(cfg.ablation.order), f"at most {MAX_FACTORIAL} tricks for "
-                          f"experiment=factorial (2**k configurations per seed), e.g. 'ablation.order=[batchnorm,"
-                          "dropout,flip]'")
+    validate_factorial(cfg)
     require(cfg, "seed", number(0, integer=True))
     require(cfg, "jobs_per_device", number(1, integer=True))
     require(cfg, "device", one_of(*DEVICES))
@@ -82,6 +80,26 @@ def validate_tricks(cfg: DictConfig) -> None:
             raise ConfigError("ablation.order", order, f"a list of known tricks ({known})")
     if len(set(order)) != len(order):
         raise ConfigError("ablation.order", order, "a list without repeats")
+
+
+def validate_factorial(cfg: DictConfig) -> None:
+    """ablation.fraction: a resolution, or null for the full factorial, whose size stays within reach."""
+    require(cfg, "ablation.fraction", optional(one_of(*RESOLUTIONS)))
+    if cfg.ablation.design != "factorial":
+        return
+    order, fraction = list(cfg.ablation.order), cfg.ablation.fraction
+    if fraction is None and len(order) > MAX_FULL:
+        raise ConfigError("ablation.order", order, f"at most {MAX_FULL} tricks for the full factorial (2**k "
+                          "configurations per seed), e.g. 'ablation.order=[batchnorm,dropout,flip]'; or a "
+                          "fraction: ablation.fraction=4")
+    if fraction is not None:
+        if len(order) > MAX_FRACTION:
+            raise ConfigError("ablation.order", order, f"at most {MAX_FRACTION} tricks for a fraction")
+        try:
+            plan(order, fraction)
+        except ValueError as e:
+            raise ConfigError("ablation.fraction", fraction, f"a resolution that {len(order)} tricks allow as a "
+                              f"regular fraction (pyDOE3: {e}); or null for the full factorial") from e
 
 
 def validate_data(cfg: DictConfig) -> None:

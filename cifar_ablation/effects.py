@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
 
 from scipy import stats as st
@@ -44,21 +45,28 @@ def _verdict(lo: float, hi: float) -> str:
         else "within noise"
 
 
-def effects(tricks: list[str], samples: dict[tuple, list[float]]) -> Fit:
-    """samples: each trick subset (a tuple of trick names) -> its seeds' final val accuracies (%)."""
+def effects(tricks: list[str], samples: dict[tuple, list[float]],
+            chains: list[list[tuple[str, ...]]] | None = None) -> Fit:
+    """samples: each trick subset (a tuple of trick names) -> its seeds' final val accuracies (%). chains:
+    factorial.Plan.chains, the main effects and two-trick interactions as the design aliases them (default:
+    all of them, unaliased, as in the full factorial); one term is fitted per chain and named by the chain."""
     import pandas as pd  # statsmodels' formula interface takes a DataFrame
     import statsmodels.api as sm
     import statsmodels.formula.api as smf
 
+    chains = chains or [[(t,)] for t in tricks] + [[p] for p in itertools.combinations(tricks, 2)]
     rows = [{**{t: (1.0 if t in subset else -1.0) for t in tricks}, "y": y}
             for subset, ys in samples.items() for y in ys]
-    formula = "y ~ " + (f"({' + '.join(tricks)})**2" if len(tricks) > 1 else tricks[0])
-    model = smf.ols(formula, data=pd.DataFrame(rows)).fit()
-    ci = model.conf_int(0.05)
+    terms = [":".join(c[0]) for c in chains]
+    with warnings.catch_warnings():  # one seed per configuration leaves no residual df: no intervals, said below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = smf.ols("y ~ " + " + ".join(terms), data=pd.DataFrame(rows)).fit()
+        ci, pvalues = model.conf_int(0.05), model.pvalues
     out = []
-    for term in model.params.index.drop("Intercept"):
+    for term, chain in zip(terms, chains):
         lo, hi = (2 * ci.loc[term, 0], 2 * ci.loc[term, 1]) if model.df_resid > 0 else (NAN, NAN)
-        out.append(Effect(term, 2 * model.params[term], lo, hi, float(model.pvalues[term]), _verdict(lo, hi)))
+        name = " = ".join(" × ".join(t) for t in chain) + (" (aliased: their sum)" if len(chain) > 1 else "")
+        out.append(Effect(name, 2 * model.params[term], lo, hi, float(pvalues[term]), _verdict(lo, hi)))
     anova = sm.stats.anova_lm(model, typ=2).to_string() if model.df_resid > 0 else "(no residual degrees of freedom)"
     return Fit(out, float(model.df_resid), anova)
 
@@ -120,29 +128,51 @@ def shapley(tricks: list[str], samples: dict[tuple, list[float]]) -> Shapley:
 
 def factorial_section(t) -> str:
     """The factorial table's second half (tables.Table of design factorial): effects, ANOVA, Shapley values."""
+    from .factorial import plan
     from .tables import fmt
 
-    tricks = list(t.order)
-    subsets = [tuple(s) for s in t.design.configs(tricks)]
-    if any(len(t.groups.get(s, [])) > 1 for s in subsets):
-        return "\nFactorial analysis skipped: some subsets were run in several configurations (see the rows).\n"
-    samples = {s: t.groups[s][0].val for s in subsets if s in t.groups}
-    if len(samples) < len(subsets):
-        return "\nFactorial analysis skipped: it needs a finished run of every subset (see Missing).\n"
-    fit, sh = effects(tricks, samples), shapley(tricks, samples)
-    lines = ["", f"### Effects (OLS on ±1-coded tricks with two-trick interactions; residual df {fit.df_resid:g})", "",
+    p = plan(list(t.order), t.fraction)
+    if any(len(t.groups.get(s, [])) > 1 for s in p.configs):
+        return "\nFactorial analysis skipped: some configurations were run in several settings (see the rows).\n"
+    samples = {s: t.groups[s][0].val for s in p.configs if s in t.groups}
+    if len(samples) < len(p.configs):
+        return "\nFactorial analysis skipped: it needs a finished run of every configuration (see Missing).\n"
+    fit = effects(p.tricks, samples, p.chains)
+    lines = ["", "### Design", "", "```", p.describe(), "```", "",
+             f"### Effects (OLS on ±1-coded tricks with two-trick interactions; residual df {fit.df_resid:g})", "",
              "| term | effect, points [95% CI] | p | verdict |", "|---|---|---|---|"]
-    lines += [f"| {e.term.replace(':', ' × ')} | {fmt(e.effect, plus=True)} [{fmt(e.lo, plus=True)}, "
-              f"{fmt(e.hi, plus=True)}] | {fmt(e.p, '.3g')} | {e.verdict} |" for e in fit.effects]
+    lines += [f"| {e.term} | {fmt(e.effect, plus=True)} [{fmt(e.lo, plus=True)}, {fmt(e.hi, plus=True)}] | "
+              f"{fmt(e.p, '.3g')} | {e.verdict} |" for e in fit.effects]
     lines += ["", "A main effect is the average gain of turning the trick on, over all settings of the others; an "
               "interaction a × b is half the difference between a's effect with b on and with b off (both are "
-              "2 × the OLS coefficient).", "",
-              "```", fit.anova, "```", "",
-              f"### Shapley values (exact from the subset means; 95% t-interval, pooled over seeds, df {sh.df:g})", "",
-              "| trick | Shapley value, points [95% CI] | verdict |", "|---|---|---|"]
-    lines += [f"| {k} | {fmt(v, plus=True)} [{fmt(sh.lo[k], plus=True)}, {fmt(sh.hi[k], plus=True)}] | "
-              f"{_verdict(sh.lo[k], sh.hi[k])} |" for k, v in sh.value.items()]
-    check = sum(sh.value.values())
-    lines += ["", f"The Shapley values add up to {fmt(check, plus=True)}, all tricks − baseline = "
-              f"{fmt(sh.total, plus=True)}{'' if abs(check - sh.total) < 1e-9 else ' (MISMATCH)'}."]
-    return "\n".join(lines) + "\n"
+              "2 × the OLS coefficient).", "", "```", fit.anova, "```", ""]
+    return "\n".join(lines + shapley_lines(p, samples, fit)) + "\n"
+
+
+def shapley_lines(p, samples: dict[tuple, list[float]], fit: Fit) -> list[str]:
+    """Exact from the subset means when every subset was run; else from the fitted model, where (±1 codes, at
+    most two-trick interactions) a trick's Shapley value is its main effect."""
+    from .tables import fmt
+
+    if p.resolution is None:
+        sh = shapley(p.tricks, samples)
+        how = f"exact from the subset means; 95% t-interval, pooled over seeds, df {sh.df:g}"
+        rows = [(k, v, sh.lo[k], sh.hi[k]) for k, v in sh.value.items()]
+    else:
+        main = {e.term.split(" = ")[0]: e for e in fit.effects}
+        how = "from the fitted model: with at most two-trick interactions on ±1 codes, a trick's main effect"
+        rows = [(k if main[k].term == k else main[k].term, main[k].effect, main[k].lo, main[k].hi)
+                for k in p.tricks]  # a main effect aliased with interactions (resolution III) says so
+    lines = [f"### Shapley values ({how})", "", "| trick | Shapley value, points [95% CI] | verdict |", "|---|---|---|"]
+    lines += [f"| {k} | {fmt(v, plus=True)} [{fmt(lo, plus=True)}, {fmt(hi, plus=True)}] | {_verdict(lo, hi)} |"
+              for k, v, lo, hi in rows]
+    total = sum(v for _, v, _, _ in rows)
+    if p.resolution is None:
+        lines += ["", f"The Shapley values add up to {fmt(total, plus=True)}; all tricks − baseline, measured: "
+                  f"{fmt(sh.total, plus=True)}{'' if abs(total - sh.total) < 1e-9 else ' (MISMATCH)'}."]
+    else:
+        ends = [statistics.fmean(samples[e]) for e in ((), tuple(p.tricks)) if e in samples]
+        measured = f"; measured: {fmt(ends[1] - ends[0], plus=True)}" if len(ends) == 2 else ""
+        lines += ["", f"The Shapley values add up to {fmt(total, plus=True)}, all tricks − baseline as the model "
+                  f"predicts it{measured} (the gap is what the model leaves out: higher interactions and noise)."]
+    return lines

@@ -62,6 +62,7 @@ class Table:
     extra: list[str]     # finished configurations outside the design
     sources: list[str]   # the data the finished runs trained on (their data_source tags)
     notes: list[str] = field(default_factory=list)   # repeated seeds
+    fraction: int | None = None   # a factorial's resolution (None: every subset)
 
     def group_of(self, row: Row) -> Group | None:
         return next((g for g in self.groups.get(row.tricks, []) if g.key == row.group), None)
@@ -113,6 +114,7 @@ def slide_order() -> list[str]:
 def build_table(runs, design: str | None = None) -> Table:
     ignored: list[str] = []
     order: list[str] = []
+    fraction: int | None = None
     slide: dict[str, float] = {}
     designs: list[str] = []
     tried: set[tuple] = set()  # every trick set with a run, finished or not
@@ -121,6 +123,7 @@ def build_table(runs, design: str | None = None) -> Table:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
         if not order and "ablation.order" in params:
             order = list(ast.literal_eval(params["ablation.order"]))
+            fraction = ast.literal_eval(params.get("ablation.fraction", "None"))
             slide = {k.split(".")[-1]: float(v) for k, v in params.items() if k.startswith("ablation.slide.")}
         designs.append(tags.get("design", SINGLE))
         tricks = tuple(parse_tricks(tags.get("tricks")))
@@ -135,7 +138,7 @@ def build_table(runs, design: str | None = None) -> Table:
     if design is None:
         design = max(set(designs), key=designs.count) if designs else "ladder"
     d = DESIGNS["ladder" if design == SINGLE else design]  # a hand-made sweep: the ladder as far as it goes
-    specs = d.rows(order) if order else []
+    specs = d.rows(order, fraction) if order else []
     if d.name == "ladder" and designs and "ladder" not in designs:
         top = max((len(k) for k in tried if list(k) == order[:len(k)]), default=-1)
         specs = specs[:top + 1]
@@ -144,7 +147,7 @@ def build_table(runs, design: str | None = None) -> Table:
     wanted = [spec.tricks for spec in specs]
     missing = [",".join(k) or "baseline" for k in wanted if k not in groups]
     extra = [",".join(k) or "baseline" for k in groups if k not in wanted]
-    return Table(d, order, rows, groups, ignored, missing, extra, sources, notes)
+    return Table(d, order, rows, groups, ignored, missing, extra, sources, notes, fraction)
 
 
 def fmt(x: float | None, spec: str = ".2f", plus: bool = False) -> str:

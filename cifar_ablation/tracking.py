@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from .config import validate
+from .factorial import plan
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "CIFAR_ABLATION_SWEEP_RUN"   # the sweep's parent run id, inherited by every job process
@@ -104,6 +105,11 @@ class SweepTracking(Callback):
         run = self.client.create_run(exp_id, run_name=name, tags={ROLE: SWEEP, "design": config.ablation.design})
         self.parent = run.info.run_id
         self.client.set_tag(self.parent, "sweep_id", self.parent)
+        if config.ablation.design == "factorial":  # what the design confounds, before anything trains
+            text = plan(list(config.ablation.order), config.ablation.fraction).describe()
+            log.info("factorial design: %s", text)
+            self.client.log_text(self.parent, text + "\n", "factorial_design.txt")
+            self.client.set_tag(self.parent, "factorial_design", text.splitlines()[0])
         os.environ[PARENT_ENV] = self.parent
         atexit.register(self.close, interrupted=True)
 

@@ -133,9 +133,30 @@ def test_factorial_sweep_reports_effects_and_shapley_values(tmp_path, imagefolde
     assert "| + batchnorm + flip + noise | 2 |" in out and "Missing" not in out
     assert "### Effects" in out and "| batchnorm × flip |" in out and "residual df 9" in out
     assert "### Shapley values" in out and "| noise |" in out and "MISMATCH" not in out
-    assert (tmp_path / "r" / "factorial.md").read_text().count("### ") == 2
+    assert (tmp_path / "r" / "factorial.md").read_text().count("### ") == 3  # design, effects, Shapley
 
 
 def test_a_full_factorial_of_more_than_six_tricks_is_refused(tmp_path):
     res = run_cli(["experiment=factorial", "mlflow.tracking_uri=sqlite:///" + str(tmp_path / "m.db")], tmp_path)
     assert res.returncode != 0 and "ablation.order" in res.stderr and "at most 6 tricks" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_resolution_iv_fraction_of_all_eight_tricks_launches_and_names_its_aliases(tmp_path, imagefolder, capsys):
+    db = tmp_path / "m.db"
+    res = run_cli(["experiment=factorial", "ablation.fraction=4", *TINY, "train.epochs=1", "data=imagefolder",
+                   f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/c",
+                   f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=frac"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "Launching 16 jobs" in log and "regular fraction 2^(8-4) of resolution IV" in log  # said at launch
+    client, runs = runs_in(db, "frac")
+    (parent,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    assert "resolution IV" in parent.data.tags["factorial_design"]
+    assert "factorial_design.txt" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "frac", "--out", str(tmp_path / "r"),
+                        "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "Missing" not in out and "generator: flip = noise × batchnorm × dropout" in out
+    assert "| noise × batchnorm = dropout × flip = l1l2 × crop = instancenorm × capacity (aliased: their sum) |" in out
+    assert "### Shapley values (from the fitted model" in out

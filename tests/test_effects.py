@@ -8,10 +8,11 @@ import pytest
 
 from cifar_ablation.designs import DESIGNS
 from cifar_ablation.effects import effects, shapley, shapley_from_means
+from cifar_ablation.factorial import plan
 
 TRICKS = ["a", "b", "c"]
 # y = 50 + 3a + 1b - 2c + 0.5ab on ±1 codes: main effects 6, 2, -4 points, interaction a × b 1 point
-TRUE = {"a": 6.0, "b": 2.0, "c": -4.0, "a:b": 1.0, "a:c": 0.0, "b:c": 0.0}
+TRUE = {"a": 6.0, "b": 2.0, "c": -4.0, "a × b": 1.0, "a × c": 0.0, "b × c": 0.0}
 # Shapley values of that response: the additive parts give their main effects; the a × b term, +0.5 when a and b
 # agree and -0.5 when not, adds nothing on average over the orders of adding a and b
 SHAPLEY = {"a": 6.0, "b": 2.0, "c": -4.0}
@@ -80,3 +81,35 @@ def test_shapley_values_are_the_average_over_orders_and_add_up():
     assert sh.value == pytest.approx(shapley_from_means(TRICKS, means))   # the weights are the definition
     assert sum(sh.value.values()) == pytest.approx(sh.total)
     assert sh.df == 24 - 8
+
+
+EIGHT = ["noise", "batchnorm", "dropout", "l1l2", "flip", "crop", "instancenorm", "capacity"]
+
+
+def test_a_resolution_iv_fraction_of_eight_tricks_names_its_aliases():
+    p = plan(EIGHT, 4)
+    assert len(p.configs) == 16 and () in p.configs and tuple(EIGHT) in p.configs
+    assert len(p.generators) == 4 and p.generators[0] == "flip = noise × batchnorm × dropout"
+    aliased = [c for c in p.chains if len(c) > 1]
+    assert all(len(t) == 1 for c in p.chains if len(c) == 1 for t in c)    # every main effect stands alone
+    assert len(aliased) == 7 and all(len(c) == 4 and all(len(t) == 2 for t in c) for c in aliased)
+    assert sorted(t for c in aliased for t in c) == sorted(itertools.combinations(EIGHT, 2))  # all 28 pairs, once
+    assert "resolution IV" in p.describe() and "noise × batchnorm = dropout × flip" in p.describe()
+
+
+def test_a_resolution_iii_fraction_aliases_main_effects_with_interactions():
+    p = plan(["a", "b", "c", "d"], 3)
+    chain = next(c for c in p.chains if c[0] == ("a",))
+    assert len(p.configs) == 8 and len(chain) > 1 and all(len(t) == 2 for t in chain[1:])
+
+
+def test_main_effects_are_recovered_from_a_fraction():
+    """y = 50 + 3·noise + 1·flip − 2·capacity on ±1 codes, no noise, on the 16-configuration fraction."""
+    p = plan(EIGHT, 4)
+    coef = {"noise": 3.0, "flip": 1.0, "capacity": -2.0}
+    data = {s: [50 + sum(c * (1 if t in s else -1) for t, c in coef.items())] * 2 for s in p.configs}
+    fit = effects(EIGHT, data, p.chains)
+    got = {e.term: e.effect for e in fit.effects}
+    assert {t: got[t] for t in EIGHT} == pytest.approx({t: 2 * coef.get(t, 0.0) for t in EIGHT}, abs=1e-9)
+    assert all(abs(e.effect) < 1e-9 for e in fit.effects if "aliased" in e.term)
+    assert fit.df_resid == 32 - 1 - 8 - 7

@@ -17,6 +17,7 @@ import math
 import statistics
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from scipy import stats as st
 
@@ -126,53 +127,66 @@ def shapley(tricks: list[str], samples: dict[tuple, list[float]]) -> Shapley:
     return Shapley(value, lo, hi, mean[frozenset(tricks)] - mean[frozenset()], df)
 
 
-def factorial_section(t) -> str:
-    """The factorial table's second half (tables.Table of design factorial): effects, ANOVA, Shapley values."""
+@dataclass(frozen=True)
+class Analysis:
+    """A factorial sweep analysed: its plan, the seeds' accuracies per configuration, the fit, the Shapley rows."""
+    plan: Any
+    samples: dict[tuple, list[float]]
+    fit: Fit
+    shapley: list[tuple[str, float, float, float]]   # (trick, value, lo, hi), in order
+    shapley_how: str
+    shapley_check: str
+
+
+def analyse(t) -> Analysis | str:
+    """The analysis of a tables.Table of design factorial, or why there is none."""
     from .factorial import plan
     from .tables import fmt
 
     p = plan(list(t.order), t.fraction)
     if any(len(t.groups.get(s, [])) > 1 for s in p.configs):
-        return "\nFactorial analysis skipped: some configurations were run in several settings (see the rows).\n"
+        return "Factorial analysis skipped: some configurations were run in several settings (see the rows)."
     samples = {s: t.groups[s][0].val for s in p.configs if s in t.groups}
     if len(samples) < len(p.configs):
-        return "\nFactorial analysis skipped: it needs a finished run of every configuration (see Missing).\n"
+        return "Factorial analysis skipped: it needs a finished run of every configuration (see Missing)."
     fit = effects(p.tricks, samples, p.chains)
-    lines = ["", "### Design", "", "```", p.describe(), "```", "",
-             f"### Effects (OLS on ±1-coded tricks with two-trick interactions; residual df {fit.df_resid:g})", "",
-             "| term | effect, points [95% CI] | p | verdict |", "|---|---|---|---|"]
-    lines += [f"| {e.term} | {fmt(e.effect, plus=True)} [{fmt(e.lo, plus=True)}, {fmt(e.hi, plus=True)}] | "
-              f"{fmt(e.p, '.3g')} | {e.verdict} |" for e in fit.effects]
-    lines += ["", "A main effect is the average gain of turning the trick on, over all settings of the others; an "
-              "interaction a × b is half the difference between a's effect with b on and with b off (both are "
-              "2 × the OLS coefficient).", "", "```", fit.anova, "```", ""]
-    return "\n".join(lines + shapley_lines(p, samples, fit)) + "\n"
-
-
-def shapley_lines(p, samples: dict[tuple, list[float]], fit: Fit) -> list[str]:
-    """Exact from the subset means when every subset was run; else from the fitted model, where (±1 codes, at
-    most two-trick interactions) a trick's Shapley value is its main effect."""
-    from .tables import fmt
-
-    if p.resolution is None:
+    if p.resolution is None:  # exact from the subset means
         sh = shapley(p.tricks, samples)
-        how = f"exact from the subset means; 95% t-interval, pooled over seeds, df {sh.df:g}"
         rows = [(k, v, sh.lo[k], sh.hi[k]) for k, v in sh.value.items()]
-    else:
+        how = f"exact from the subset means; 95% t-interval, pooled over seeds, df {sh.df:g}"
+        total = sum(v for _, v, _, _ in rows)
+        check = (f"The Shapley values add up to {fmt(total, plus=True)}; all tricks − baseline, measured: "
+                 f"{fmt(sh.total, plus=True)}{'' if abs(total - sh.total) < 1e-9 else ' (MISMATCH)'}.")
+    else:  # from the model: with at most two-trick interactions on ±1 codes, a trick's main effect
         main = {e.term.split(" = ")[0]: e for e in fit.effects}
-        how = "from the fitted model: with at most two-trick interactions on ±1 codes, a trick's main effect"
         rows = [(k if main[k].term == k else main[k].term, main[k].effect, main[k].lo, main[k].hi)
                 for k in p.tricks]  # a main effect aliased with interactions (resolution III) says so
-    lines = [f"### Shapley values ({how})", "", "| trick | Shapley value, points [95% CI] | verdict |", "|---|---|---|"]
-    lines += [f"| {k} | {fmt(v, plus=True)} [{fmt(lo, plus=True)}, {fmt(hi, plus=True)}] | {_verdict(lo, hi)} |"
-              for k, v, lo, hi in rows]
-    total = sum(v for _, v, _, _ in rows)
-    if p.resolution is None:
-        lines += ["", f"The Shapley values add up to {fmt(total, plus=True)}; all tricks − baseline, measured: "
-                  f"{fmt(sh.total, plus=True)}{'' if abs(total - sh.total) < 1e-9 else ' (MISMATCH)'}."]
-    else:
+        how = "from the fitted model: with at most two-trick interactions on ±1 codes, a trick's main effect"
+        total = sum(v for _, v, _, _ in rows)
         ends = [statistics.fmean(samples[e]) for e in ((), tuple(p.tricks)) if e in samples]
         measured = f"; measured: {fmt(ends[1] - ends[0], plus=True)}" if len(ends) == 2 else ""
-        lines += ["", f"The Shapley values add up to {fmt(total, plus=True)}, all tricks − baseline as the model "
-                  f"predicts it{measured} (the gap is what the model leaves out: higher interactions and noise)."]
-    return lines
+        check = (f"The Shapley values add up to {fmt(total, plus=True)}, all tricks − baseline as the model "
+                 f"predicts it{measured} (the gap is what the model leaves out: higher interactions and noise).")
+    return Analysis(p, samples, fit, rows, how, check)
+
+
+def factorial_section(t) -> str:
+    """The factorial table's second half: the design, effects, ANOVA, Shapley values."""
+    from .tables import fmt
+
+    a = analyse(t)
+    if isinstance(a, str):
+        return f"\n{a}\n"
+    lines = ["", "### Design", "", "```", a.plan.describe(), "```", "",
+             f"### Effects (OLS on ±1-coded tricks with two-trick interactions; residual df {a.fit.df_resid:g})", "",
+             "| term | effect, points [95% CI] | p | verdict |", "|---|---|---|---|"]
+    lines += [f"| {e.term} | {fmt(e.effect, plus=True)} [{fmt(e.lo, plus=True)}, {fmt(e.hi, plus=True)}] | "
+              f"{fmt(e.p, '.3g')} | {e.verdict} |" for e in a.fit.effects]
+    lines += ["", "A main effect is the average gain of turning the trick on, over all settings of the others; an "
+              "interaction a × b is half the difference between a's effect with b on and with b off (both are "
+              "2 × the OLS coefficient).", "", "```", a.fit.anova, "```", "",
+              f"### Shapley values ({a.shapley_how})", "", "| trick | Shapley value, points [95% CI] | verdict |",
+              "|---|---|---|"]
+    lines += [f"| {k} | {fmt(v, plus=True)} [{fmt(lo, plus=True)}, {fmt(hi, plus=True)}] | {_verdict(lo, hi)} |"
+              for k, v, lo, hi in a.shapley]
+    return "\n".join(lines + ["", a.shapley_check]) + "\n"

@@ -6,6 +6,8 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -81,9 +83,80 @@ def val_curves(table, client, path: Path) -> Path:
     return path
 
 
+def main_effects(a, path: Path) -> Path:
+    """Each term's effect (main effects and interactions or their alias chains) with its 95% CI whisker."""
+    es = a.fit.effects
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.4 * len(es) + 1)))
+    y = list(range(len(es)))[::-1]
+    err = [[e.effect - e.lo if not math.isnan(e.lo) else 0 for e in es],
+           [e.hi - e.effect if not math.isnan(e.hi) else 0 for e in es]]
+    ax.barh(y, [e.effect for e in es], xerr=err, capsize=3,
+            color=["#4c72b0" if " " not in e.term else "#8c8c8c" for e in es])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [e.term if len(e.term) < 40 else e.term[:37] + "…" for e in es], fontsize="small")
+    ax.set_xlabel("effect on val accuracy (points), 95% CI")
+    ax.set_title("factorial: main effects (blue) and two-trick interactions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def interaction_map(a, path: Path) -> Path:
+    """The two-trick interactions as a matrix; blank where the design aliases the pair with others."""
+    tricks = a.plan.tricks
+    m = np.full((len(tricks), len(tricks)), np.nan)
+    for e in a.fit.effects:
+        pair = e.term.split(" × ")
+        if len(pair) == 2 and "=" not in e.term:
+            i, j = tricks.index(pair[0]), tricks.index(pair[1])
+            m[i, j] = m[j, i] = e.effect
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(tricks), 0.6 + 0.7 * len(tricks)))
+    lim = np.nanmax(np.abs(m)) if np.isfinite(m).any() else 1.0
+    im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(tricks)), tricks, rotation=45, ha="right")
+    ax.set_yticks(range(len(tricks)), tricks)
+    fig.colorbar(im, label="interaction (points)")
+    ax.set_title("two-trick interactions (blank: aliased or none)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def shapley_waterfall(a, path: Path) -> Path:
+    """From the baseline's accuracy to all tricks', one Shapley value at a time."""
+    base = statistics.fmean(a.samples[()]) if () in a.samples else 0.0
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(a.shapley) + 2), 4.2))
+    level = base
+    for i, (name, v, lo, hi) in enumerate(a.shapley):
+        ax.bar(i, v, bottom=level, color="#55a868" if v >= 0 else "#c44e52",
+               yerr=[[v - lo if not math.isnan(lo) else 0], [hi - v if not math.isnan(hi) else 0]], capsize=3)
+        level += v
+    ax.axhline(base, color="gray", lw=0.8, ls="--", label=f"baseline {base:.2f}")
+    ax.axhline(level, color="black", lw=0.8, ls=":", label=f"all tricks {level:.2f}")
+    ax.set_xticks(range(len(a.shapley)), [n.split(" = ")[0] for n, *_ in a.shapley], rotation=30, ha="right")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Shapley waterfall: what each trick bought, independently of order")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def draw_all(table, client, out: Path) -> list[Path]:
     if not table.rows:
         return []
-    return [accuracy_bars(table, out / f"{table.design.name}_accuracy.png"),
-            train_vs_val(table, out / f"{table.design.name}_train_vs_val.png"),
-            val_curves(table, client, out / f"{table.design.name}_val_curves.png")]
+    name = table.design.name
+    paths = [accuracy_bars(table, out / f"{name}_accuracy.png"),
+             train_vs_val(table, out / f"{name}_train_vs_val.png"),
+             val_curves(table, client, out / f"{name}_val_curves.png")]
+    if name == "factorial":
+        from .effects import analyse  # statsmodels: only for a factorial
+
+        a = analyse(table)
+        if not isinstance(a, str):
+            paths += [main_effects(a, out / "factorial_effects.png"), interaction_map(a, out / "factorial_interactions.png"),
+                      shapley_waterfall(a, out / "factorial_shapley.png")]
+    return paths

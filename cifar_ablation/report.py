@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from . import attribution
 from .designs import DESIGNS
 from .tables import Table, build_table, compare_markdown, markdown, write_csv
 from .tracking import JOB, REPORT, ROLE, SWEEP, client_for, sweep_jobs
@@ -61,6 +62,24 @@ def sweep_table(client, experiment: str, sweep: str, design: str | None) -> tupl
     return exp.experiment_id, sweep_id, runs, build_table(runs, design or (parent and parent.data.tags.get("design")))
 
 
+def attribution_tables(client, experiment: str) -> tuple[str, dict[str, tuple[str, Table]]]:
+    """The table of the latest sweep of each design in the experiment: design -> (sweep id, table)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no experiment {experiment!r} in this store")
+    out: dict[str, tuple[str, Table]] = {}
+    for parent in client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = '{SWEEP}'",
+                                     order_by=["attributes.start_time DESC"], max_results=50000):
+        design = parent.data.tags.get("design")
+        if design in DESIGNS and design not in out:
+            runs = sweep_jobs(client, exp.experiment_id, parent.info.run_id)
+            if runs:
+                out[design] = (parent.info.run_id, build_table(runs, design))
+    if not out:
+        raise LookupError(f"no design sweep (ladder, one-at-a-time, leave-one-out, factorial) in {experiment!r}")
+    return exp.experiment_id, out
+
+
 def write_report(client, exp_id: str, sweep: str, table: Table, text: str, out: Path, figures: bool) -> list[Path]:
     """<design>.md/.csv (and the figures) under `out`, logged as artifacts of a report run nested under the
     sweep's parent run when there is one."""
@@ -93,10 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     ap.add_argument("--compare", nargs=2, metavar=("EXP_A", "EXP_B"),
                     help="put two experiments' tables side by side (each its --sweep) instead")
+    ap.add_argument("--attribution", action="store_true",
+                    help="per trick, what every design in the experiment says it bought (latest sweep of each)")
     args = ap.parse_args(argv)
 
     client = client_for(args.tracking_uri)
     try:
+        if args.attribution:
+            text = attribution.markdown(attribution_tables(client, args.experiment)[1], args.experiment)
+            print(text)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "attribution.md").write_text(text)
+            return 0
         if args.compare:
             (*_, ta), (*_, tb) = (sweep_table(client, name, args.sweep, args.design) for name in args.compare)
             text = compare_markdown(ta, tb, *args.compare)

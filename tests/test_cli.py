@@ -127,13 +127,14 @@ def test_factorial_sweep_reports_effects_and_shapley_values(tmp_path, imagefolde
                    f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=fact"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Launching 16 jobs" in res.stdout + res.stderr      # 2**3 subsets x 2 seeds
-    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "fact", "--out", str(tmp_path / "r"),
-                        "--no-figures"]) == 0
+    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "fact", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "| + batchnorm + flip + noise | 2 |" in out and "Missing" not in out
     assert "### Effects" in out and "| batchnorm × flip |" in out and "residual df 9" in out
     assert "### Shapley values" in out and "| noise |" in out and "MISMATCH" not in out
     assert (tmp_path / "r" / "factorial.md").read_text().count("### ") == 3  # design, effects, Shapley
+    for fig in ("effects", "interactions", "shapley"):
+        assert (tmp_path / "r" / f"factorial_{fig}.png").stat().st_size > 5000, fig
 
 
 def test_a_full_factorial_of_more_than_six_tricks_is_refused(tmp_path):

@@ -185,3 +185,28 @@ def test_the_same_seed_twice_is_one_replicate(store):
     assert (t.rows[0].n, t.rows[0].val_mean) == (2, 12.0)         # seeds 0 and 1 (the newer run of seed 1)
     assert len(t.notes) == 1 and newer in t.notes[0] and "one replicate" in t.notes[0]
     assert "Note: [baseline] seed 1" in markdown(t, "t")
+
+
+def test_attribution_puts_every_designs_answer_side_by_side(store, capsys):
+    client, _, tmp = store
+    exp = client.create_experiment("attr")
+    order = "['batchnorm', 'flip']"
+    acc = {(): 60.0, ("batchnorm",): 68.0, ("flip",): 61.0, ("batchnorm", "flip"): 71.0}  # flip helps more with bn
+    for design, sets in (("ladder", [(), ("batchnorm",), ("batchnorm", "flip")]),
+                         ("one_at_a_time", [(), ("batchnorm",), ("flip",)]),
+                         ("factorial", [(), ("flip",), ("batchnorm",), ("batchnorm", "flip")])):
+        parent = client.create_run(exp, tags={ROLE: "sweep", "design": design}).info.run_id
+        client.set_tag(parent, "sweep_id", parent)
+        for s in sets:
+            for seed, noise in enumerate((-0.5, 0.5)):
+                job(client, exp, ",".join(s) or "baseline", seed, acc[s] + noise,
+                    {"ablation.order": order, "trick": "{}"}, sweep=parent, design=design)
+    assert main(["--tracking-uri", f"sqlite:///{tmp / 'r.db'}", "--experiment", "attr", "--attribution",
+                 "--out", str(tmp / "a")]) == 0
+    out = capsys.readouterr().out
+    header, _, bn, flip = [ln for ln in out.splitlines() if ln.startswith("|")]
+    assert header.startswith("| trick | ladder gain") and "one-at-a-time gain" in header and "Shapley value" in header
+    assert bn.startswith("| batchnorm | +8.00 [") and flip.startswith("| flip | +3.00 [")  # the ladder's story
+    cells = [c.strip().split(" ")[0] for c in flip.split("|")[2:-1]]
+    assert cells == ["+3.00", "+1.00", "–", "+2.00", "+2.00"]   # alone +1, on top of bn +3: they interact
+    assert (tmp / "a" / "attribution.md").exists()

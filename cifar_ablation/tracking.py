@@ -9,7 +9,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,8 @@ class SweepTracking(Callback):
             self.client.set_tag(self.parent, "factorial_design", text.splitlines()[0])
         os.environ[PARENT_ENV] = self.parent
         atexit.register(self.close, interrupted=True)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM exits through atexit, not around it
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.close()
@@ -140,3 +144,10 @@ class SweepTracking(Callback):
                                 f"stopped (jobs: {states})" if interrupted else f"some jobs did not finish: {states}")
         self.client.set_terminated(parent, "FINISHED" if ok else "FAILED")
         log.info("sweep run %s %s (jobs: %s)", parent, "FINISHED" if ok else "FAILED", states)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """The launcher's SIGTERM: exit with 128 + 15 through the atexit hook that closes the sweep run (FAILED, its
+    dead jobs KILLED), where the default action would leave it RUNNING. A job in progress in this very process
+    (Hydra's basic launcher) has its own handler meanwhile: it ends KILLED first."""
+    raise SystemExit(128 + signum)

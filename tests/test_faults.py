@@ -128,3 +128,19 @@ def test_cuda_out_of_memory_fails_saying_what_to_change(tmp_path, imagefolder):
     assert run.info.status == "FAILED"
     assert "CUDA out of memory" in run.data.tags["failure_reason"]
     assert "lower train.batch_size (now 4096)" in run.data.tags["failure_reason"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_parallel_launcher_leaves_no_sweep_running(tmp_path, slow_data):
+    """The launching process of a joblib sweep gets SIGTERM (a scheduler's kill, `kill PID`): its sweep run is
+    closed FAILED with the jobs' states, not left RUNNING; a relaunch then resumes the interrupted jobs."""
+    db = tmp_path / "m.db"
+    args = ["-m", "seed=0,1", "hydra/launcher=parallel", "jobs_per_device=2", *SLOW, *slow_data, "train.epochs=30",
+            f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=term"]
+    proc = start(args, tmp_path)
+    wait_for(proc, "epoch 1/30")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    _, runs = runs_in(db, "term")
+    (parent,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    assert parent.info.status == "FAILED" and "launcher was stopped" in parent.data.tags["failure_reason"]

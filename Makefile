@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: install  ## a small one-at-a-time sweep (3 tricks x 2 seeds, a narrow net, 2,000 images), then its report
+demo: install  ## a small full factorial (3 tricks: 8 configurations x 2 seeds, a narrow net), then its report
 	@echo "demo data: $(DATA_ARGS)"
-	$(BIN)/python -m cifar_ablation experiment=one_at_a_time 'ablation.order=[batchnorm,dropout,flip]' seed=0,1 \
+	$(BIN)/python -m cifar_ablation experiment=factorial 'ablation.order=[batchnorm,dropout,flip]' seed=0,1 \
 	    $(DATA_ARGS) data.subset=2000 data.val_subset=1000 'model.widths=[16,32,64]' model.dense=128 \
 	    train.epochs=3 mlflow.experiment=demo
 	$(BIN)/python -m cifar_ablation.report --experiment demo --out reports/demo

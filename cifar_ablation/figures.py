@@ -19,6 +19,13 @@ def _nan(x: float | None) -> float:
     return math.nan if x is None else x
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def accuracy_bars(table, path: Path) -> Path:
     rows = table.rows
     x = range(len(rows))
@@ -37,10 +44,7 @@ def accuracy_bars(table, path: Path) -> Path:
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{table.design.name}: mean final val accuracy, 95% CI over seeds")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def train_vs_val(table, path: Path) -> Path:
@@ -53,10 +57,7 @@ def train_vs_val(table, path: Path) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("generalization gap: train vs validation accuracy")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def val_curves(table, client, path: Path) -> Path:
@@ -77,10 +78,7 @@ def val_curves(table, client, path: Path) -> Path:
     ax.set_ylabel("val accuracy (%), mean over seeds")
     ax.set_title("validation accuracy per epoch")
     ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def main_effects(a, path: Path) -> Path:
@@ -96,10 +94,7 @@ def main_effects(a, path: Path) -> Path:
     ax.set_yticks(y, [e.term if len(e.term) < 40 else e.term[:37] + "…" for e in es], fontsize="small")
     ax.set_xlabel("effect on val accuracy (points), 95% CI")
     ax.set_title("factorial: main effects (blue) and two-trick interactions")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def interaction_map(a, path: Path) -> Path:
@@ -118,31 +113,27 @@ def interaction_map(a, path: Path) -> Path:
     ax.set_yticks(range(len(tricks)), tricks)
     fig.colorbar(im, label="interaction (points)")
     ax.set_title("two-trick interactions (blank: aliased or none)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def shapley_waterfall(a, path: Path) -> Path:
     """From the baseline's accuracy to all tricks', one Shapley value at a time."""
     base = statistics.fmean(a.samples[()]) if () in a.samples else 0.0
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(a.shapley) + 2), 4.2))
-    level = base
+    level, levels = base, [base]
     for i, (name, v, lo, hi) in enumerate(a.shapley):
         ax.bar(i, v, bottom=level, color="#55a868" if v >= 0 else "#c44e52",
                yerr=[[v - lo if not math.isnan(lo) else 0], [hi - v if not math.isnan(hi) else 0]], capsize=3)
         level += v
+        levels += [level, level - v + (lo if not math.isnan(lo) else v), level - v + (hi if not math.isnan(hi) else v)]
+    ax.set_ylim(min(levels) - 2, max(levels) + 2)
     ax.axhline(base, color="gray", lw=0.8, ls="--", label=f"baseline {base:.2f}")
     ax.axhline(level, color="black", lw=0.8, ls=":", label=f"all tricks {level:.2f}")
     ax.set_xticks(range(len(a.shapley)), [n.split(" = ")[0] for n, *_ in a.shapley], rotation=30, ha="right")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Shapley waterfall: what each trick bought, independently of order")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def draw_all(table, client, out: Path) -> list[Path]:

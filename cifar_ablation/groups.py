@@ -59,6 +59,7 @@ def group_runs(finished: list, trick_sets: list[tuple[str, ...]]) -> tuple[dict[
     for (tricks, key), seeds in by_config.items():
         groups.setdefault(tricks, []).append(Group(tricks, key, list(seeds.values())))
     for same in groups.values():
+        same.sort(key=lambda g: g.key)  # one order whatever order the store returns runs in
         label(same)
     return groups, notes
 

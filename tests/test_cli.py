@@ -161,3 +161,17 @@ def test_a_resolution_iv_fraction_of_all_eight_tricks_launches_and_names_its_ali
     assert "Missing" not in out and "generator: flip = noise × batchnorm × dropout" in out
     assert "| noise × batchnorm = dropout × flip = l1l2 × crop = instancenorm × capacity (aliased: their sum) |" in out
     assert "### Shapley values (from the fitted model" in out
+
+
+def test_two_configurations_of_one_trick_set_are_two_rows_not_two_seeds(tmp_path, imagefolder, capsys):
+    """The user's flow: a sweep, then the same trick set with other settings, then `report --sweep all`."""
+    db = tmp_path / "m.db"
+    common = [*TINY, "data=imagefolder", f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/c",
+              f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=two"]
+    assert run_cli(["-m", "trick=[],[noise]", *common], tmp_path).returncode == 0
+    assert run_cli(["-m", "trick=[noise]", "trick.noise.std=0.5", "optim.lr=0.01", *common], tmp_path).returncode == 0
+    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "two", "--sweep", "all",
+                        "--out", str(tmp_path / "r"), "--no-figures"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "noise" in ln]
+    assert [r.split(" | ")[:3] for r in rows] == [["| 1", "noise (lr=0.001, std=0.01)", "1"],
+                                                  ["| 1", "noise (lr=0.01, std=0.5)", "1"]], rows

@@ -144,3 +144,40 @@ def test_sigterm_to_a_parallel_launcher_leaves_no_sweep_running(tmp_path, slow_d
     _, runs = runs_in(db, "term")
     (parent,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
     assert parent.info.status == "FAILED" and "launcher was stopped" in parent.data.tags["failure_reason"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_relaunch_gathers_the_resumed_runs_into_the_new_sweep(tmp_path, slow_data, capsys):
+    """A 2-job parallel sweep stopped with Ctrl-C (SIGINT to the terminal's whole process group), then the same
+    command again: both runs resume, finish with every epoch once, nest under the new sweep, and its report
+    holds both configurations."""
+    db = tmp_path / "m.db"
+    args = ["-m", "trick=[],[flip]", "hydra/launcher=parallel", "jobs_per_device=2", *SLOW, *slow_data,
+            "train.epochs=8", f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=relaunch"]
+
+    def foreground():  # a new process group whose Ctrl-C reaches the launcher and its workers alike
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_ablation", *args], cwd=tmp_path, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=foreground,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(proc, "epoch 2/8")
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) != 0
+    _, runs = runs_in(db, "relaunch")
+    (first,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    assert first.info.status == "FAILED"
+
+    again = run_cli(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    client, runs = runs_in(db, "relaunch")
+    second = next(r for r in runs if r.data.tags[ROLE] == SWEEP and r.info.run_id != first.info.run_id)
+    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
+    assert len(jobs) == 2 and second.info.status == "FINISHED"
+    for r in jobs:
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == second.info.run_id
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == list(range(1, 9))
+    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "relaunch", "--out",
+                        str(tmp_path / "r"), "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert f"sweep {second.info.run_id} (2 runs)" in out and "Missing" not in out

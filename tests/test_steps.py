@@ -10,7 +10,7 @@ import torch
 from cifar_ablation.checks import ConfigError
 from cifar_ablation.config import validate
 from cifar_ablation.data import Images
-from cifar_ablation.steps import EagerStep, GraphStep, graph_blocker, make_step
+from cifar_ablation.steps import EagerStep, GraphStep, graph_blocker
 from cifar_ablation.train import make_optimizer, setup, train_epoch
 
 SMALL = ["model.widths=[8,16]", "model.dense=32", "train.batch_size=32", "train.epochs=2", "device=cpu",

@@ -28,6 +28,8 @@ demo: install  ## a small full factorial (3 tricks: 8 configurations x 2 seeds, 
 	    $(DATA_ARGS) data.subset=2000 data.val_subset=1000 'model.widths=[16,32,64]' model.dense=128 \
 	    train.epochs=3 mlflow.experiment=demo
 	$(BIN)/python -m cifar_ablation.report --experiment demo --out reports/demo
+	@echo "next: the table and figures in reports/demo/; the runs in the MLflow UI: make ui (experiment 'demo');"
+	@echo "      the slide's full ladder, on a GPU: make ladder"
 
 test: install  ## the test suite, all but the multi-process launcher tests
 	$(BIN)/python -m pytest -q -m "not slow"

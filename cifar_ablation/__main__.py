@@ -2,20 +2,33 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .checks import ConfigError, check_trick_overrides
+from .checks import UserError, check_trick_overrides
 from .designs import ordered_tricks
 
 log = logging.getLogger("cifar_ablation")
+TRACEBACK_ENV = "CIFAR_ABLATION_TRACEBACK"  # =1: a UserError shows its traceback too
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """A bad config or unreadable data ends the program with one `error:` line: SystemExit passes through
+    Hydra, which would print its banner and a traceback around any other exception (FAILED runs keep theirs)."""
+    try:
+        return run_job(cfg)
+    except UserError as e:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        raise SystemExit(f"error: {e}") from None
+
+
+def run_job(cfg: DictConfig) -> float | None:
     # torch and MLflow are imported here, not above: cli() refuses an unknown trick before paying for them
     import torch
 
@@ -52,7 +65,7 @@ def main(cfg: DictConfig) -> float | None:
 def cli() -> None:
     try:
         check_trick_overrides(sys.argv[1:])
-    except ConfigError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     main()
 

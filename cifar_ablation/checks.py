@@ -17,7 +17,12 @@ Check = Callable[[Any], "str | None"]
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user can fix (a config value, the data): the CLI prints its message as one `error:` line,
+    without a traceback (CIFAR_ABLATION_TRACEBACK=1 shows it)."""
+
+
+class ConfigError(UserError, ValueError):
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"invalid config: {key}={value!r} is not allowed; {key} must be {allowed}")

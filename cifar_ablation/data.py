@@ -18,13 +18,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .checks import UserError
 log = logging.getLogger(__name__)
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 CACHE_VERSION = 1
 
 
-class DataError(Exception):
+class DataError(UserError):
     """The data cannot be read as asked; the message says what to do."""
 
 

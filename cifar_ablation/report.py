@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="per trick, what every design in the experiment says it bought (latest sweep of each)")
     args = ap.parse_args(argv)
 
+    store = args.tracking_uri[len("sqlite:///"):] if args.tracking_uri.startswith("sqlite:///") else None
+    if store is not None and not Path(store).expanduser().exists():  # reading must not create an empty store
+        print(f"error: no MLflow store at {Path(store).expanduser().resolve()} (--tracking-uri {args.tracking_uri}); "
+              "run a sweep first, or point --tracking-uri at the store it wrote", file=sys.stderr)
+        return 2
     client = client_for(args.tracking_uri)
     try:
         if args.attribution:

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from .checks import UserError
 from .config import validate
 from .factorial import plan
 
@@ -88,6 +89,16 @@ def process_alive(run) -> bool:
     return True
 
 
+def valid(config: DictConfig) -> bool:
+    """Whether the config passes validate(). Hydra turns a callback's exception into a warning and goes on, so
+    the callback only skips its work; the job validates again and stops with the error."""
+    try:
+        validate(config)
+    except UserError:
+        return False
+    return True
+
+
 class SweepTracking(Callback):
     """Hydra callback, run in the launching process: prepares the store before any job starts; for a
     multirun, opens a parent run that every job nests under, and closes it with the sweep's true state."""
@@ -97,11 +108,12 @@ class SweepTracking(Callback):
         self.parent: str | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        validate(config)
-        open_experiment(config)
+        if valid(config):
+            open_experiment(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        validate(config)  # what every job shares fails once, before any job or parent run exists
+        if not valid(config):  # no store, no parent run: the first job reports the error
+            return
         self.client, exp_id = open_experiment(config)
         name = f"sweep {config.ablation.design} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         run = self.client.create_run(exp_id, run_name=name, tags={ROLE: SWEEP, "design": config.ablation.design})

@@ -175,3 +175,19 @@ def test_two_configurations_of_one_trick_set_are_two_rows_not_two_seeds(tmp_path
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "noise" in ln]
     assert [r.split(" | ")[:3] for r in rows] == [["| 1", "noise (lr=0.001, std=0.01)", "1"],
                                                   ["| 1", "noise (lr=0.01, std=0.5)", "1"]], rows
+
+
+def test_errors_are_one_line_without_hydras_banner(tmp_path):
+    res = run_cli(["train.epochs=0", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"], tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "error: invalid config: train.epochs=0 is not allowed; train.epochs must be an integer >= 1"]
+    res = run_cli(["data=imagefolder", f"data.path={tmp_path}/none.tar"], tmp_path)   # data: the same
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: invalid config: data.path")
+    assert "HYDRA_FULL_ERROR" not in res.stderr and "Traceback" not in res.stderr
+    assert "Traceback" in run_cli(["train.epochs=0"], tmp_path, env={"CIFAR_ABLATION_TRACEBACK": "1"}).stderr
+
+
+def test_a_report_on_a_missing_store_says_so_and_creates_nothing(tmp_path, capsys):
+    assert report_main(["--tracking-uri", f"sqlite:///{tmp_path / 'nope.db'}"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err and not (tmp_path / "nope.db").exists()

@@ -164,6 +164,8 @@ BAD = [
     ("train.amp=maybe", "trick=[]", "train.amp", "true or false"),
     ("jobs_per_device=0", "trick=[]", "jobs_per_device", "integer >= 1"),
     ("ablation.order=[noise,noise]", "trick=[]", "ablation.order", "without repeats"),
+    ("ablation.fraction=7", "trick=[]", "ablation.fraction", "one of 3, 4, 5"),
+    ("train.cuda_graph=maybe", "trick=[]", "train.cuda_graph", "auto, true or false"),
     ("ablation.order=[noise,warp]", "trick=[]", "ablation.order", "known tricks"),
 ]
 

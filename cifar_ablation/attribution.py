@@ -53,7 +53,7 @@ def markdown(tables: dict[str, tuple[str, Table]], experiment: str) -> str:
         if isinstance(a, str):
             notes.append(a)
         else:
-            main = {e.term.split(" = ")[0]: e for e in a.fit.effects}
+            main = a.fit.by_first_term()
             cols["main effect"] = {x: cell(main[x].effect, main[x].lo, main[x].hi) if x in main else "–"
                                    for x in tricks}
             cols["Shapley value"] = {k.split(" = ")[0]: cell(v, lo, hi) for k, v, lo, hi in a.shapley}

@@ -21,12 +21,12 @@ from typing import Any
 
 from scipy import stats as st
 
-from .stats import NAN
+from .stats import NAN, verdict
 
 
 @dataclass(frozen=True)
 class Effect:
-    term: str          # "noise", or "noise:flip" for an interaction
+    term: str          # "noise", "noise × flip", or an alias chain "a × b = c × d (aliased: their sum)"
     effect: float      # points of val accuracy
     lo: float
     hi: float
@@ -40,10 +40,13 @@ class Fit:
     df_resid: float
     anova: str          # the ANOVA table, as statsmodels prints it
 
+    def by_first_term(self) -> dict[str, Effect]:
+        """Each effect under the first term of its chain: a trick's main effect under the trick's name."""
+        return {e.term.split(" = ")[0]: e for e in self.effects}
+
 
 def _verdict(lo: float, hi: float) -> str:
-    return "no verdict (no residual df)" if math.isnan(lo) else "gain" if lo > 0 else "loss" if hi < 0 \
-        else "within noise"
+    return "no verdict (no residual df)" if math.isnan(lo) else verdict(lo, hi)
 
 
 def effects(tricks: list[str], samples: dict[tuple, list[float]],
@@ -70,22 +73,6 @@ def effects(tricks: list[str], samples: dict[tuple, list[float]],
         out.append(Effect(name, 2 * model.params[term], lo, hi, float(pvalues[term]), _verdict(lo, hi)))
     anova = sm.stats.anova_lm(model, typ=2).to_string() if model.df_resid > 0 else "(no residual degrees of freedom)"
     return Fit(out, float(model.df_resid), anova)
-
-
-def shapley_from_means(tricks: list[str], mean: dict[frozenset, float]) -> dict[str, float]:
-    """Exact Shapley values of the game v(S) = mean accuracy of subset S: each trick's marginal gain averaged
-    over all orders of adding the tricks (computed over subsets, with the usual |S|!(k-|S|-1)!/k! weights)."""
-    k = len(tricks)
-    out = {}
-    for t in tricks:
-        others = [o for o in tricks if o != t]
-        total = 0.0
-        for size in range(k):
-            w = math.factorial(size) * math.factorial(k - size - 1) / math.factorial(k)
-            for s in itertools.combinations(others, size):
-                total += w * (mean[frozenset(s) | {t}] - mean[frozenset(s)])
-        out[t] = total
-    return out
 
 
 @dataclass(frozen=True)
@@ -159,7 +146,7 @@ def analyse(t) -> Analysis | str:
         check = (f"The Shapley values add up to {fmt(total, plus=True)}; all tricks − baseline, measured: "
                  f"{fmt(sh.total, plus=True)}{'' if abs(total - sh.total) < 1e-9 else ' (MISMATCH)'}.")
     else:  # from the model: with at most two-trick interactions on ±1 codes, a trick's main effect
-        main = {e.term.split(" = ")[0]: e for e in fit.effects}
+        main = fit.by_first_term()
         rows = [(k if main[k].term == k else main[k].term, main[k].effect, main[k].lo, main[k].hi)
                 for k in p.tricks]  # a main effect aliased with interactions (resolution III) says so
         how = "from the fitted model: with at most two-trick interactions on ±1 codes, a trick's main effect"

@@ -47,7 +47,8 @@ def group_runs(finished: list, trick_sets: list[tuple[str, ...]]) -> tuple[dict[
     notes: list[str] = []
     for run, tricks in zip(finished, trick_sets):
         seeds = by_config.setdefault((tricks, group_key(run.data.params)), {})
-        seed, earlier = seed_of(run), seeds.get(seed_of(run))
+        seed = seed_of(run)
+        earlier = seeds.get(seed)
         if earlier is not None:
             newer = max(earlier, run, key=lambda r: r.info.start_time)
             notes.append(f"[{','.join(tricks) or 'baseline'}] seed {seed}: runs {earlier.info.run_id} and "

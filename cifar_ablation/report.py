@@ -49,35 +49,39 @@ def sweep_run(client, run_id: str):
     return run if run.data.tags.get(ROLE) == SWEEP else None
 
 
-def sweep_table(client, experiment: str, sweep: str, design: str | None) -> tuple[str, str, list, Table]:
-    """(experiment id, sweep id, its job runs, its table); LookupError naming what the store has instead."""
+def experiment_id(client, experiment: str) -> str:
+    """The experiment's id; LookupError naming what the store has instead."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
         raise LookupError(f"no experiment {experiment!r} in this store; it has: {', '.join(names) or 'none'}")
-    sweep_id, runs = load_sweep(client, exp.experiment_id, sweep)
+    return exp.experiment_id
+
+
+def sweep_table(client, experiment: str, sweep: str, design: str | None) -> tuple[str, str, list, Table]:
+    """(experiment id, sweep id, its job runs, its table); LookupError naming what the store has instead."""
+    exp_id = experiment_id(client, experiment)
+    sweep_id, runs = load_sweep(client, exp_id, sweep)
     if not runs:
         raise LookupError(f"no job runs for sweep {sweep!r} in experiment {experiment!r}")
     parent = sweep_run(client, sweep_id)  # the sweep's own design, not that of the runs it reused
-    return exp.experiment_id, sweep_id, runs, build_table(runs, design or (parent and parent.data.tags.get("design")))
+    return exp_id, sweep_id, runs, build_table(runs, design or (parent and parent.data.tags.get("design")))
 
 
 def attribution_tables(client, experiment: str) -> tuple[str, dict[str, tuple[str, Table]]]:
     """The table of the latest sweep of each design in the experiment: design -> (sweep id, table)."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise LookupError(f"no experiment {experiment!r} in this store")
+    exp_id = experiment_id(client, experiment)
     out: dict[str, tuple[str, Table]] = {}
-    for parent in client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = '{SWEEP}'",
+    for parent in client.search_runs([exp_id], f"tags.`{ROLE}` = '{SWEEP}'",
                                      order_by=["attributes.start_time DESC"], max_results=50000):
         design = parent.data.tags.get("design")
         if design in DESIGNS and design not in out:
-            runs = sweep_jobs(client, exp.experiment_id, parent.info.run_id)
+            runs = sweep_jobs(client, exp_id, parent.info.run_id)
             if runs:
                 out[design] = (parent.info.run_id, build_table(runs, design))
     if not out:
         raise LookupError(f"no design sweep (ladder, one-at-a-time, leave-one-out, factorial) in {experiment!r}")
-    return exp.experiment_id, out
+    return exp_id, out
 
 
 def write_report(client, exp_id: str, sweep: str, table: Table, text: str, out: Path, figures: bool) -> list[Path]:

@@ -61,4 +61,9 @@ def compare(a: list[float], b: list[float]) -> Comparison:
         test = st.ttest_ind(a, b, equal_var=False)
         (lo, hi), p = test.confidence_interval(0.95), float(test.pvalue)
         lo, hi = float(lo), float(hi)
-    return Comparison(delta, lo, hi, p, "gain" if lo > 0 else "loss" if hi < 0 else "within noise")
+    return Comparison(delta, lo, hi, p, verdict(lo, hi))
+
+
+def verdict(lo: float, hi: float) -> str:
+    """gain or loss when the 95% interval of a difference excludes 0, else within noise."""
+    return "gain" if lo > 0 else "loss" if hi < 0 else "within noise"

@@ -86,18 +86,19 @@ def _rows(spec: RowSpec, specs: list[RowSpec], groups: dict[tuple, list[Group]],
     slide_val = slide.get(spec.label[-1]) if design.slide_column and same_rung else None
     rows = []
     for g in groups.get(spec.tricks) or [None]:
+        val, train = (g.val, g.train_mean) if g else ([], NAN)
+        s = summary(val)
+        label = spec.label[:-1] + (spec.label[-1] + (f" ({g.label})" if g and g.label else ""),)
         if spec.reference is None:
             pairs = [(None, Comparison(NAN, NAN, NAN, NAN, "reference" if g else "missing"))]
         else:
-            refs = [r for r in groups.get(specs[spec.reference].tricks, []) if g is None or g.agrees_with(r)]
-            pairs = [(r, compare(r.val, g.val if g else []) if design.reference_minus_row else
-                      compare(g.val if g else [], r.val)) for r in refs] or [(None, compare([], []))]
-            if not refs and groups.get(specs[spec.reference].tricks):  # a reference, but none with these settings
-                pairs = [(None, Comparison(NAN, NAN, NAN, NAN, "no reference with the same settings"))]
+            candidates = groups.get(specs[spec.reference].tricks, [])
+            pairs = [(r, compare(r.val, val) if design.reference_minus_row else compare(val, r.val))
+                     for r in candidates if g is None or g.agrees_with(r)]
+            if not pairs:  # no reference at all, or none with these settings
+                why = "no reference with the same settings" if candidates else "missing"
+                pairs = [(None, Comparison(NAN, NAN, NAN, NAN, why))]
         for ref, c in pairs:
-            s = summary(g.val if g else [])
-            train = g.train_mean if g else NAN
-            label = spec.label[:-1] + (spec.label[-1] + (f" ({g.label})" if g and g.label else ""),)
             name = "" if spec.reference is None else " ".join(specs[spec.reference].label) + \
                 (f" ({ref.label})" if ref is not None and ref.label else "")
             rows.append(Row(label, spec.tricks, s.n, s.mean, s.std, s.lo, s.hi, c.delta, c.lo, c.hi, c.p, c.verdict,
@@ -154,6 +155,11 @@ def fmt(x: float | None, spec: str = ".2f", plus: bool = False) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, ("+" if plus else "") + spec)
 
 
+def with_ci(x: float, lo: float, hi: float) -> str:
+    """'+1.23 [+0.10, +2.36]', or '+1.23' where there is no interval."""
+    return fmt(x, plus=True) + ("" if math.isnan(lo) else f" [{fmt(lo, plus=True)}, {fmt(hi, plus=True)}]")
+
+
 def markdown(t: Table, title: str) -> str:
     labels = " | ".join(t.design.label_columns)
     lines = [f"## {title}", "",
@@ -161,8 +167,7 @@ def markdown(t: Table, title: str) -> str:
              "train acc % | train−val gap | slide val % |", "|---" * (8 + len(t.design.label_columns)) + "|"]
     for r in t.rows:
         ci = f"[{fmt(r.val_ci_lo)}, {fmt(r.val_ci_hi)}]" if r.n > 1 else "–"
-        d = fmt(r.delta, plus=True) + (f" [{fmt(r.delta_ci_lo, plus=True)}, {fmt(r.delta_ci_hi, plus=True)}]"
-                                       if not math.isnan(r.delta_ci_lo) else "")
+        d = with_ci(r.delta, r.delta_ci_lo, r.delta_ci_hi)
         if t.varied and r.reference:
             d += f" vs {r.reference}"
         val = f"{fmt(r.val_mean)} ± {fmt(r.val_std)}" if r.n > 1 else fmt(r.val_mean)
@@ -197,9 +202,8 @@ def compare_markdown(a: Table, b: Table, name_a: str, name_b: str) -> str:
         rb = b_rows.get(ra.row)
         ga, gb = a.group_of(ra), b.group_of(rb) if rb else None
         c = compare(gb.val if gb else [], ga.val if ga else [])
-        ci = f" [{fmt(c.lo, plus=True)}, {fmt(c.hi, plus=True)}]" if not math.isnan(c.lo) else ""
         lines.append(f"| {ra.row} | {fmt(ra.val_mean)} ({ra.n}) | {fmt(rb.val_mean) if rb else '–'} "
-                     f"({rb.n if rb else 0}) | {fmt(c.delta, plus=True)}{ci} | {c.verdict} |")
+                     f"({rb.n if rb else 0}) | {with_ci(c.delta, c.lo, c.hi)} | {c.verdict} |")
     lines += ["", f"Verdicts: {VERDICT_TEST}."]
     return "\n".join(lines) + "\n"
 

@@ -2,13 +2,30 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 
 from cifar_ablation.designs import DESIGNS
-from cifar_ablation.effects import effects, shapley, shapley_from_means
+from cifar_ablation.effects import effects, shapley
 from cifar_ablation.factorial import plan
+
+def shapley_from_means(tricks: list[str], mean: dict[frozenset, float]) -> dict[str, float]:
+    """The textbook definition, the oracle for effects.shapley: each trick's marginal gain averaged
+    over all orders of adding the tricks (computed over subsets, with the usual |S|!(k-|S|-1)!/k! weights)."""
+    k = len(tricks)
+    out = {}
+    for t in tricks:
+        others = [o for o in tricks if o != t]
+        total = 0.0
+        for size in range(k):
+            w = math.factorial(size) * math.factorial(k - size - 1) / math.factorial(k)
+            for s in itertools.combinations(others, size):
+                total += w * (mean[frozenset(s) | {t}] - mean[frozenset(s)])
+        out[t] = total
+    return out
+
 
 TRICKS = ["a", "b", "c"]
 # y = 50 + 3a + 1b - 2c + 0.5ab on ±1 codes: main effects 6, 2, -4 points, interaction a × b 1 point
@@ -66,10 +83,15 @@ def test_effects_verdicts_and_anova():
 
 def test_shapley_efficiency_symmetry_and_null_trick():
     # v: a and b are symmetric and interact; c does nothing
-    v = {frozenset(s): 10.0 + 2 * ("a" in s) + 2 * ("b" in s) + 3 * ("a" in s and "b" in s)
+    v = {s: 10.0 + 2 * ("a" in s) + 2 * ("b" in s) + 3 * ("a" in s and "b" in s)
          for n in range(4) for s in itertools.combinations(TRICKS, n)}
-    phi = shapley_from_means(TRICKS, v)
-    assert sum(phi.values()) == pytest.approx(v[frozenset(TRICKS)] - v[frozenset()])   # efficiency
+    for phi in (shapley(TRICKS, {s: [x, x] for s, x in v.items()}).value,   # the report's, and the definition's
+                shapley_from_means(TRICKS, {frozenset(s): x for s, x in v.items()})):
+        check_properties(phi, v)
+
+
+def check_properties(phi: dict[str, float], v: dict[tuple, float]) -> None:
+    assert sum(phi.values()) == pytest.approx(v[tuple(TRICKS)] - v[()])                # efficiency
     assert phi["a"] == pytest.approx(phi["b"]) == pytest.approx(2 + 1.5)               # symmetry, shared synergy
     assert phi["c"] == pytest.approx(0.0)                                              # null trick
 

@@ -7,7 +7,8 @@ so adding a design is one record here plus one YAML file.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from .factorial import plan
@@ -71,7 +72,40 @@ DESIGNS: dict[str, Design] = {d.name: d for d in (
     Design("one_at_a_time", ("configuration",), "Δ vs baseline", _one_at_a_time),
     Design("factorial", ("configuration",), "Δ vs baseline", _factorial),
 )}
-SINGLE = "single"  # ablation.design of a hand-made run or sweep (`-m trick=...`): no design
+SINGLE = "single"  # ablation.design of a hand-made run or sweep (`-m trick=...`): inferred by infer_design
+
+
+def _each_vs_baseline(order: list[str], fraction: None = None, sets: tuple = ()) -> list[RowSpec]:
+    """The trick sets swept, the baseline first, each against the baseline."""
+    sets = sorted(sets, key=lambda s: (len(s), [order.index(t) if t in order else len(order) for t in s]))
+    base = 0 if sets and sets[0] == () else None
+    return [RowSpec(("+ " + " + ".join(s),) if s else ("baseline",), s, None if not s else base) for s in sets]
+
+
+EACH_VS_BASELINE = Design("each_vs_baseline", ("configuration",), "Δ vs baseline", _each_vs_baseline)
+
+
+def infer_design(sets: Any, order: Any = ()) -> tuple[Design, list[str], str]:
+    """The design of a hand-made sweep, from the trick sets it trained: (design, its trick order, why). Nested
+    sets adding one trick each: a ladder; the baseline and single tricks: one-at-a-time; a full set and sets
+    missing one trick of it: leave-one-out; every subset of some tricks: a full factorial; anything else: every
+    set against the baseline. Tricks outside a ladder's own order follow `order` (ablation.order)."""
+    order = list(order)
+    pos = functools.partial(_position, order)
+    sets = sorted({tuple(sorted(s, key=pos)) for s in sets}, key=lambda s: (len(s), [pos(t) for t in s]))
+    union = sorted({t for s in sets for t in s}, key=pos)
+    if len(sets) > 1 and all(len(b) == len(a) + 1 and set(a) < set(b) for a, b in zip(sets, sets[1:])):
+        added = [next(t for t in b if t not in a) for a, b in zip(sets, sets[1:])]
+        return DESIGNS["ladder"], list(sets[0]) + added, "nested trick sets, each adding one trick"
+    if all(len(s) <= 1 for s in sets) and len(sets) > 1:
+        return DESIGNS["one_at_a_time"], [s[0] for s in sets if s], "the baseline and single tricks"
+    full = sets[-1] if sets else ()
+    if len(sets) > 1 and all(len(s) == len(full) - 1 and set(s) < set(full) for s in sets[:-1]):
+        return DESIGNS["leave_one_out"], list(full), "a full set and sets missing one trick of it"
+    if len(sets) == 2 ** len(union) > 2:
+        return DESIGNS["factorial"], union, "every subset of the tricks"
+    rows = functools.partial(_each_vs_baseline, sets=tuple(sets))
+    return replace(EACH_VS_BASELINE, rows=rows), union, "trick sets of no standard design"
 
 
 def design_sweep(design: str, order: Any, fraction: int | None = None) -> str:
@@ -81,8 +115,11 @@ def design_sweep(design: str, order: Any, fraction: int | None = None) -> str:
 
 def ordered_tricks(chosen: Any, order: Any) -> list[str]:
     """The chosen tricks in ablation order (others after, by name): a trick set's one canonical spelling."""
-    order = list(order)
-    return sorted(chosen, key=lambda t: (order.index(t) if t in order else len(order), t))
+    return sorted(chosen, key=functools.partial(_position, list(order)))
+
+
+def _position(order: list[str], trick: str) -> tuple[int, str]:
+    return (order.index(trick) if trick in order else len(order), trick)
 
 
 def rung(tricks: list[str], order: Any) -> int | None:

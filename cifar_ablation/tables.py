@@ -10,13 +10,13 @@ import ast
 import csv
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from .checks import CONF_DIR
-from .designs import DESIGNS, SINGLE, Design, RowSpec
+from .designs import DESIGNS, SINGLE, Design, RowSpec, infer_design
 from .groups import Group, group_runs
 from .stats import NAN, VERDICT_TEST, Comparison, compare, summary
 
@@ -63,6 +63,7 @@ class Table:
     sources: list[str]   # the data the finished runs trained on (their data_source tags)
     notes: list[str] = field(default_factory=list)   # repeated seeds
     fraction: int | None = None   # a factorial's resolution (None: every subset)
+    inferred: str = ""   # for a hand-made sweep: the design inferred from its trick sets, and why
 
     def group_of(self, row: Row) -> Group | None:
         return next((g for g in self.groups.get(row.tricks, []) if g.key == row.group), None)
@@ -138,17 +139,21 @@ def build_table(runs, design: str | None = None) -> Table:
     groups, notes = group_runs(finished, trick_sets)
     if design is None:
         design = max(set(designs), key=designs.count) if designs else "ladder"
-    d = DESIGNS["ladder" if design == SINGLE else design]  # a hand-made sweep: the ladder as far as it goes
-    specs = d.rows(order, fraction) if order else []
-    if d.name == "ladder" and designs and "ladder" not in designs:
-        top = max((len(k) for k in tried if list(k) == order[:len(k)]), default=-1)
-        specs = specs[:top + 1]
+    inferred = ""
+    if design == SINGLE:  # a hand-made sweep: the design its trick sets form
+        d, order, why = infer_design(tried, order)
+        fraction, inferred = None, f"{d.name} ({why})"
+    else:
+        d = DESIGNS[design]
+    spelling = {frozenset(k): k for k in tried}  # a design's set as the runs spell it (their own trick order)
+    specs = [replace(s, tricks=spelling.get(frozenset(s.tricks), s.tricks)) for s in d.rows(order, fraction)] \
+        if order or inferred else []
     rows = [row for spec in specs for row in _rows(spec, specs, groups, d, slide)]
     sources = sorted({r.data.tags.get("data_source", "unknown") for r in finished})
     wanted = [spec.tricks for spec in specs]
     missing = [",".join(k) or "baseline" for k in wanted if k not in groups]
     extra = [",".join(k) or "baseline" for k in groups if k not in wanted]
-    return Table(d, order, rows, groups, ignored, missing, extra, sources, notes, fraction)
+    return Table(d, order, rows, groups, ignored, missing, extra, sources, notes, fraction, inferred)
 
 
 def fmt(x: float | None, spec: str = ".2f", plus: bool = False) -> str:
@@ -175,6 +180,8 @@ def markdown(t: Table, title: str) -> str:
                      f"{fmt(r.train_mean)} | {fmt(r.gap, plus=True)} | {fmt(r.slide, '.1f')} |")
     lines += ["", f"Verdicts: {VERDICT_TEST} on the final-epoch val accuracy of each seed; 'gain'/'loss' when the "
               "95% CI of the difference excludes 0."]
+    if t.inferred:
+        lines.append(f"Design: inferred from the trick sets swept: {t.inferred}.")
     if t.sources:
         lines.append(f"Data: {'; '.join(t.sources)}.")
     if t.missing:

@@ -7,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats as st
 
+from cifar_ablation.designs import infer_design
 from cifar_ablation.report import load_sweep, main
 from cifar_ablation.stats import compare, summary
 from cifar_ablation.tables import build_table, markdown
@@ -210,3 +211,36 @@ def test_attribution_puts_every_designs_answer_side_by_side(store, capsys):
     cells = [c.strip().split(" ")[0] for c in flip.split("|")[2:-1]]
     assert cells == ["+3.00", "+1.00", "–", "+2.00", "+2.00"]   # alone +1, on top of bn +3: they interact
     assert (tmp / "a" / "attribution.md").exists()
+
+
+@pytest.mark.parametrize("sets, design, order", [
+    ([(), ("flip",)], "ladder", ["flip"]),
+    ([(), ("noise",), ("noise", "flip"), ("noise", "dropout", "flip")], "ladder", ["noise", "flip", "dropout"]),
+    ([("flip",), ("noise", "flip")], "ladder", ["flip", "noise"]),
+    ([(), ("noise",), ("flip",)], "one_at_a_time", ["noise", "flip"]),
+    ([("noise", "flip"), ("noise",), ("flip",)], "leave_one_out", ["noise", "flip"]),
+    ([(), ("noise",), ("flip",), ("noise", "flip")], "factorial", ["noise", "flip"]),
+    ([(), ("noise", "flip"), ("dropout",)], "each_vs_baseline", ["noise", "dropout", "flip"]),
+])
+def test_a_hand_made_sweep_gets_the_design_its_trick_sets_form(sets, design, order):
+    d, got, why = infer_design(sets, ["noise", "dropout", "flip"])
+    assert (d.name, got) == (design, order) and why
+    assert {frozenset(s) for s in d.configs(got)} >= {frozenset(s) for s in sets}  # the rest: "missing"
+
+
+def test_report_of_a_hand_made_sweep_compares_what_was_swept(store):
+    """`-m 'trick=[],[flip]' seed=0,1` then report: both rows, compared, and the inferred design named
+    (it was once a ladder table with the baseline only and [flip] 'outside the design')."""
+    client, add, _ = store
+    add("adhoc", {(): [60, 61], ("flip",): [70, 71]}, design="single")
+    add("adhoc2", {(): [60, 61], ("noise",): [62, 63], ("noise", "flip"): [61, 60], ("dropout",): [70, 72]},
+        design="single", sweep="s2")
+    t = build_table(load_sweep(client, client.get_experiment_by_name("adhoc").experiment_id, "s1")[1])
+    assert [(r.tricks, r.verdict) for r in t.rows] == [((), "reference"), (("flip",), "gain")]
+    text = markdown(t, "adhoc")
+    assert "Design: inferred from the trick sets swept: ladder (nested trick sets" in text
+    assert "outside" not in text and not t.missing and not t.extra
+    t2 = build_table(load_sweep(client, client.get_experiment_by_name("adhoc2").experiment_id, "s2")[1])
+    assert t2.design.name == "each_vs_baseline" and not t2.extra
+    assert [r.tricks for r in t2.rows] == [(), ("noise",), ("dropout",), ("noise", "flip")]
+    assert {r.tricks: r.reference for r in t2.rows}[("noise", "flip")] == "baseline"

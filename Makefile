@@ -10,7 +10,7 @@ PORT   ?= 5000
 # (torchvision downloads it into ./data once). Override with e.g. DATA_ARGS='data=cifar10'.
 DATA_ARGS ?= $(if $(wildcard $(MIRROR)),data=imagefolder data.path=$(MIRROR),data=cifar10)
 
-.PHONY: help install demo test test-slow ladder gpu-prep gpu-run report ui bench clean
+.PHONY: help install services demo test test-slow ladder gpu-prep gpu-run report ui screenshots bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+services:  ## Debian packages the tests drive (Chromium), where missing: as root with apt-get, else a note
+	bash tests/services/install.sh
+
 demo: install  ## a small full factorial (3 tricks: 8 configurations x 2 seeds, a narrow net), then its report
 	@echo "demo data: $(DATA_ARGS)"
 	$(BIN)/python -m cifar_ablation experiment=factorial 'ablation.order=[batchnorm,dropout,flip]' seed=0,1 \
@@ -31,10 +34,10 @@ demo: install  ## a small full factorial (3 tricks: 8 configurations x 2 seeds, 
 	@echo "next: the table and figures in reports/demo/; the runs in the MLflow UI: make ui (experiment 'demo');"
 	@echo "      the slide's full ladder, on a GPU: make ladder"
 
-test: install  ## the test suite, all but the multi-process launcher tests
+test: install services  ## the test suite, all but the multi-process launcher tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-slow: install  ## the multi-process launcher tests (8 parallel jobs, submitit): a few minutes on 2 cores
+test-slow: install services  ## the multi-process launcher tests (8 parallel jobs, submitit): a few minutes on 2 cores
 	$(BIN)/python -m pytest -q -m slow
 
 ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds (CIFAR-10, or the mirror here), then its report
@@ -56,8 +59,11 @@ bench: install  ## textbook DataLoader loop vs the trainer, then K concurrent ru
 report: install  ## the table of the latest sweep in the default store and experiment
 	$(BIN)/python -m cifar_ablation.report
 
-ui: install  ## the MLflow UI over the default store, on 127.0.0.1 (PORT=5000)
-	$(BIN)/python -m mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
+ui: install  ## the MLflow UI over the default store, on 127.0.0.1 (PORT=5000); prints each experiment's address
+	$(BIN)/python -m cifar_ablation.ui --port $(PORT)
+
+screenshots: install services  ## pictures of the UI over the demo's sweep (EXPERIMENT=demo) into docs/
+	$(BIN)/python -m cifar_ablation.ui --screenshots docs --experiment $(or $(EXPERIMENT),demo) --port 5077
 
 clean:  ## remove outputs, multirun, reports (not the MLflow store)
 	rm -rf outputs multirun reports .pytest_cache

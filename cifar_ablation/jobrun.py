@@ -189,7 +189,7 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
         tags, parent = job_tags(cfg, tricks), os.environ.get(PARENT_ENV)
         if parent:
             tags["mlflow.parentRunId"] = parent
-        run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} s{cfg.seed}", tags=tags).info.run_id
+        run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} seed={cfg.seed}", tags=tags).info.run_id
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)

@@ -84,9 +84,17 @@ def attribution_tables(client, experiment: str) -> tuple[str, dict[str, tuple[st
     return exp_id, out
 
 
-def write_report(client, exp_id: str, sweep: str, table: Table, text: str, out: Path, figures: bool) -> list[Path]:
-    """<design>.md/.csv (and the figures) under `out`, logged as artifacts of a report run nested under the
-    sweep's parent run when there is one."""
+def render(table: Table, title: str) -> str:
+    """The report's Markdown: the design's table (and a factorial's effects, Shapley values and aliases)."""
+    text = markdown(table, title)
+    if table.design.name == "factorial":
+        from .effects import factorial_section  # statsmodels: only for a factorial
+        text += factorial_section(table)
+    return text
+
+
+def write_files(client, table: Table, text: str, out: Path, figures: bool) -> list[Path]:
+    """<design>.md/.csv (and the figures) under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     name = table.design.name
     files = [out / f"{name}.md", out / f"{name}.csv"]
@@ -95,6 +103,14 @@ def write_report(client, exp_id: str, sweep: str, table: Table, text: str, out: 
     if figures:
         from .figures import draw_all  # matplotlib: only when drawing
         files += draw_all(table, client, out)
+    return files
+
+
+def write_report(client, exp_id: str, sweep: str, table: Table, text: str, out: Path, figures: bool) -> list[Path]:
+    """The report's files under `out`, logged as artifacts of a report run nested under the sweep's parent run
+    when there is one. (The sweep's own parent run holds the report written when the sweep ended: sweep.py.)"""
+    files = write_files(client, table, text, out, figures)
+    name = table.design.name
     tags = {ROLE: REPORT, "sweep_id": sweep, "design": name}
     if sweep != "all" and sweep_run(client, sweep) is not None:
         tags["mlflow.parentRunId"] = sweep  # the report shows under its sweep in the UI
@@ -145,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = markdown(table, f"{table.design.name} — experiment {args.experiment}, sweep {sweep} ({len(runs)} runs)")
-    if table.design.name == "factorial":
-        from .effects import factorial_section  # statsmodels: only for a factorial
-        text += factorial_section(table)
+    text = render(table, f"{table.design.name} — experiment {args.experiment}, sweep {sweep} ({len(runs)} runs)")
     print(text)
     write_report(client, exp_id, sweep, table, text, Path(args.out), figures=not args.no_figures)
     return 0

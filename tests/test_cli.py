@@ -21,9 +21,13 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
     sweep = ["-m", "trick=[],[noise],[noise,batchnorm]", "seed=0,1"]
     res = run_cli([*sweep, *common], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "ETA" in res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    for k in range(1, 7):  # the launcher's progress: one line per job, with an ETA while jobs are left
+        (line,) = [ln for ln in out.splitlines() if f": job {k} of 6 done (FINISHED {k})" in ln]
+        assert ("; ETA " in line) == (k < 6), line
 
     client, runs = runs_in(db, "cli")
+    assert client.get_experiment_by_name("cli").tags["mlflow.experimentKind"] == "custom_model_development"
     jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
     parents = [r for r in runs if r.data.tags[ROLE] == SWEEP]
     assert len(jobs) == 6 and len(parents) == 1
@@ -40,6 +44,12 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
         history = client.get_metric_history(r.info.run_id, "val_acc")
         assert sorted(m.step for m in history) == [1, 2]  # one value per epoch, step = epoch
         assert "config.yaml" in [a.path for a in client.list_artifacts(r.info.run_id)]
+    # the sweep's run holds its report: the table as its description, the files as artifacts
+    assert parent.data.tags["mlflow.note.content"].startswith("## ladder — sweep ")
+    assert "| 2 | batchnorm | 2 |" in parent.data.tags["mlflow.note.content"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {
+        "report/ladder.md", "report/ladder.csv", "report/ladder_accuracy.png"}
+    assert sorted(r.info.run_name for r in jobs)[:3] == ["baseline seed=0", "baseline seed=1", "noise seed=0"]  # readable run names
 
     assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "cli", "--out", str(tmp_path / "rep")]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
@@ -61,6 +71,7 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
     again = run_cli([*sweep, *common], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("skipping") == 6
+    assert ": job 6 of 6 done (skipped 6)" in again.stdout + again.stderr
     _, runs = runs_in(db, "cli")
     assert len([r for r in runs if r.data.tags[ROLE] == JOB]) == 6
 
@@ -186,6 +197,13 @@ def test_errors_are_one_line_without_hydras_banner(tmp_path):
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: invalid config: data.path")
     assert "HYDRA_FULL_ERROR" not in res.stderr and "Traceback" not in res.stderr
     assert "Traceback" in run_cli(["train.epochs=0"], tmp_path, env={"CIFAR_ABLATION_TRACEBACK": "1"}).stderr
+
+
+def test_help_introduces_the_tool(tmp_path):
+    res = run_cli(["--help"], tmp_path)
+    assert res.returncode == 0 and res.stdout.startswith("cifar-ablation: ablation studies of CNN")
+    assert "powered by Hydra" not in res.stdout
+    assert "trick: batchnorm, capacity, crop, dropout, flip, instancenorm, l1l2, noise" in res.stdout
 
 
 def test_a_report_on_a_missing_store_says_so_and_creates_nothing(tmp_path, capsys):

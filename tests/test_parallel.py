@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 from cifar_ablation.report import main as report_main
 from cifar_ablation.tracking import JOB, REPORT, ROLE, SWEEP
 
-from .conftest import TINY, run_cli, runs_in
+from .conftest import TINY, free_port, run_cli, runs_in
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -43,6 +42,7 @@ def test_eight_concurrent_jobs_into_a_brand_new_sqlite_store(tmp_path, imagefold
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second"):
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key)) == [1, 2], key
     assert parent.info.status == "FINISHED"
+    assert "job 8 of 8 done (FINISHED 8)" in res.stdout + res.stderr  # progress from the launching process
 
 
 @pytest.mark.slow
@@ -55,12 +55,6 @@ def test_submitit_local_launcher(tmp_path, imagefolder):
     _, runs = runs_in(db, "submitit")
     jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
     assert sorted((r.data.tags["seed"], r.info.status) for r in jobs) == [("0", "FINISHED"), ("1", "FINISHED")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,0 +1,152 @@
+"""The sweep's parent run, kept by the launching process (a Hydra callback): opened before any job starts,
+every job nests under it; progress lines while jobs end (progress.py); closed with the sweep's true state and
+holding the sweep's report, so that clicking the sweep in the MLflow UI shows the ablation:
+
+    description   the report's table (Markdown): each configuration's val accuracy, Δ, CI and verdict
+    artifacts     report/<design>.md, .csv and the figures (also under the sweep's folder, multirun/…/report)
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from .checks import UserError
+from .config import validate
+from .factorial import plan
+from .progress import Progress, count_jobs
+from .tracking import PARENT_ENV, ROLE, SWEEP, open_experiment, process_alive, sweep_jobs
+
+log = logging.getLogger("cifar_ablation.sweep")
+
+
+def valid(config: DictConfig) -> bool:
+    """Whether the config passes validate(). Hydra turns a callback's exception into a warning and goes on, so
+    the callback only skips its work; the job validates again and stops with the error."""
+    try:
+        validate(config)
+    except UserError:
+        return False
+    return True
+
+
+class SweepTracking(Callback):
+    """Prepares the store before any job starts; for a multirun, opens the parent run, prints progress, and
+    closes the parent with the sweep's true state and its report."""
+
+    def __init__(self) -> None:
+        self.client: MlflowClient | None = None
+        self.parent: str | None = None
+        self.progress: Progress | None = None
+        self.folder = Path(".")
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if valid(config):
+            open_experiment(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not valid(config):  # no store, no parent run: the first job reports the error
+            return
+        self.client, exp_id = open_experiment(config)
+        name = f"sweep {config.ablation.design} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        run = self.client.create_run(exp_id, run_name=name, tags={ROLE: SWEEP, "design": config.ablation.design})
+        self.parent = run.info.run_id
+        self.client.set_tag(self.parent, "sweep_id", self.parent)
+        self.folder = Path(config.hydra.sweep.dir)
+        if config.ablation.design == "factorial":  # what the design confounds, before anything trains
+            text = plan(list(config.ablation.order), config.ablation.fraction).describe()
+            log.info("factorial design: %s", text)
+            self.client.log_text(self.parent, text + "\n", "factorial_design.txt")
+            self.client.set_tag(self.parent, "factorial_design", text.splitlines()[0])
+        try:
+            total = count_jobs(config)
+        except Exception as e:  # an override Hydra will refuse itself, a plugin's sweeper config
+            log.debug("could not count the sweep's jobs: %s", e)
+            total = None
+        if total:
+            self.client.set_tag(self.parent, "jobs", str(total))
+        self.progress = Progress(self.client, exp_id, self.parent, total)
+        os.environ[PARENT_ENV] = self.parent
+        atexit.register(self.close, interrupted=True)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM exits through atexit, not around it
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self.progress is not None:  # the basic launcher's jobs end in this process: no need to wait a poll
+            self.progress.poll()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self, interrupted: bool = False) -> None:
+        """FINISHED when every job finished; FAILED (interrupted or some job did not finish) otherwise."""
+        if self.parent is None:
+            return
+        parent, self.parent = self.parent, None
+        os.environ.pop(PARENT_ENV, None)
+        states = self._settle(parent)
+        if self.progress is not None:
+            self.progress.stop()
+        ok = not interrupted and set(states) <= {"FINISHED"}
+        text = ", ".join(f"{k}: {v}" for k, v in sorted(states.items())) or "none"
+        self.client.set_tag(parent, "job_states", text)
+        if not ok:
+            self.client.set_tag(parent, "failure_reason", "the sweep ended early: a job raised, or the launcher was "
+                                f"stopped (jobs: {text})" if interrupted else f"some jobs did not finish: {text}")
+        publish(self.client, parent, self.folder / "report", figures=not interrupted)
+        self.client.set_terminated(parent, "FINISHED" if ok else "FAILED")
+        log.info("sweep run %s %s (jobs: %s)", parent, "FINISHED" if ok else "FAILED", text)
+
+    def _settle(self, parent: str) -> dict[str, int]:
+        """The sweep's job states; a RUNNING job whose process is dead (SIGKILL, OOM) is closed KILLED."""
+        exp_id = self.client.get_run(parent).info.experiment_id
+        counts: dict[str, int] = {}
+        for r in sweep_jobs(self.client, exp_id, parent):
+            status = r.info.status
+            if status == "RUNNING" and not process_alive(r):
+                status = "KILLED"
+                self.client.set_tag(r.info.run_id, "failure_reason", "its process died without closing the run "
+                                    "(SIGKILL or out of memory); launch the same command again to resume it")
+                self.client.set_terminated(r.info.run_id, status)
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
+
+def publish(client: MlflowClient, parent: str, out: Path, figures: bool = True) -> None:
+    """The sweep's report onto its parent run: the table as its description, the files as artifacts. (Its
+    numbers are not logged as metrics: the UI's charts would mix them with the jobs' curves.) A report that
+    cannot be made never keeps the sweep open."""
+    from .report import render, write_files
+    from .tables import build_table
+
+    try:
+        exp_id = client.get_run(parent).info.experiment_id
+        runs = sweep_jobs(client, exp_id, parent)
+        if not runs:
+            return
+        design = client.get_run(parent).data.tags.get("design")
+        table = build_table(runs, design)
+        text = render(table, f"{table.design.name} — sweep {parent} ({len(runs)} runs)")
+        files = write_files(client, table, text, out, figures)
+        client.set_tag(parent, "mlflow.note.content", text)
+        for f in files:
+            client.log_artifact(parent, str(f), "report")
+        log.info("sweep report: %s (also on the sweep's run in MLflow)", out / f"{table.design.name}.md")
+    except Exception as e:  # noqa: BLE001 — the sweep's state matters more than its report
+        log.warning("could not write the sweep's report: %s: %s", type(e).__name__, e)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """The launcher's SIGTERM: exit with 128 + 15 through the atexit hook that closes the sweep run (FAILED, its
+    dead jobs KILLED), where the default action would leave it RUNNING. A job in progress in this very process
+    (Hydra's basic launcher) has its own handler meanwhile: it ends KILLED first."""
+    raise SystemExit(128 + signum)

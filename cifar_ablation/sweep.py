@@ -49,6 +49,10 @@ class SweepTracking(Callback):
         self.progress: Progress | None = None
         self.folder = Path(".")
 
+    def __getstate__(self) -> dict:
+        """Launchers pickle their callbacks into each job process (joblib, submitit): there, this is inert."""
+        return {"client": None, "parent": None, "progress": None, "folder": self.folder}
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if valid(config):
             open_experiment(config)

@@ -6,6 +6,7 @@ launcher never share fluent "active run" state.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from pathlib import Path
@@ -25,9 +26,18 @@ KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def client_for(uri: str) -> MlflowClient:
-    if uri.startswith("sqlite:///"):  # MLflow 3.17 makes the folder itself; older releases in our range may not
-        Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    """A client whose store is ready. A sqlite store is created (schema, migrations) under a file lock beside it:
+    MLflow's own creation is not safe when several launchers start at once on a new store (it fails with
+    'duplicate column name' or 'table ... already exists')."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(uri[len("sqlite:///"):]).expanduser()
+    db.parent.mkdir(parents=True, exist_ok=True)  # MLflow 3.17 makes it itself; older releases in our range may not
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # the store's creation or upgrade happens here, one process at a time
+    return client
 
 
 def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.screenshots:
         exp_id, sweep = latest_sweep(args.tracking_uri, args.experiment or "cifar-ablation")
-        with serve(args.tracking_uri, args.port, Path(args.screenshots) / "mlflow-ui.log") as base:
+        with serve(args.tracking_uri, args.port, Path(tempfile.gettempdir()) / "cifar_ablation-mlflow-ui.log") as base:
             screenshots(runs_url(base, exp_id), sweep, "tricks", Path(args.screenshots))
         print(f"wrote {args.screenshots}/1-sweep.png, 2-report.png, 3-charts.png")
         return 0

@@ -113,3 +113,27 @@ def test_jobs_and_report_through_a_real_tracking_server(tmp_path, imagefolder, m
     assert {"report/ladder.md", "report/ladder_accuracy.png", "report/ladder_val_curves.png"} <= {f["path"] for f in listed}
     # the artifacts really went through the server's proxy into its destination folder
     assert list((tmp_path / "artifacts").rglob("ladder_accuracy.png"))
+
+
+@pytest.mark.slow
+def test_four_launchers_started_at_once_on_a_brand_new_sqlite_store(tmp_path, imagefolder):
+    """Two terminals (here four) launching sweeps together into a store that does not exist yet: MLflow's own
+    schema creation races ('duplicate column name: step', 'table logged_models already exists') unless
+    store creation is serialized (tracking.client_for's file lock)."""
+    db = tmp_path / "new" / "m.db"
+    args = tiny_args(tmp_path, imagefolder("tar", per_class=40), f"sqlite:///{db}", "race")
+    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "cifar_ablation", "-m", f"trick=[{t}]", "seed=0,1",
+                               "train.epochs=1", *args], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for t in ("noise", "flip", "dropout", "batchnorm")]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0 and "Traceback" not in out, out[-3000:]
+    _, runs = runs_in(db, "race")
+    sweeps = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
+    assert [r.info.status for r in sweeps] == ["FINISHED"] * 4
+    assert sorted(r.data.tags["tricks"] + r.data.tags["seed"] for r in jobs) == \
+        [f"{t}{s}" for t in ("batchnorm", "dropout", "flip", "noise") for s in "01"]
+    assert all(r.info.status == "FINISHED" for r in jobs)

@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .checks import UserError, check_trick_overrides
+from .checks import UserError, check_command_line
 from .designs import ordered_tricks
 
 log = logging.getLogger("cifar_ablation")
@@ -64,7 +64,7 @@ def run_job(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     try:
-        check_trick_overrides(sys.argv[1:])
+        check_command_line(sys.argv[1:])
     except UserError as e:
         sys.exit(f"error: {e}")
     main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -99,3 +100,24 @@ def check_trick_overrides(argv: list[str]) -> None:
                 if name not in valid:
                     raise ConfigError("trick", name, "a list of known tricks, from: " + ", ".join(valid) +
                                       " (e.g. 'trick=[noise,batchnorm]'; 'trick=[]' is the baseline)")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """No secret in the tracking URI: it would be logged as a param and saved in Hydra's config files (the
+    error shows it masked)."""
+    password = urlsplit(uri).password
+    if password:
+        raise ConfigError("mlflow.tracking_uri", uri.replace(password, "***"),
+                          "a URI without a password (it would be logged as a param and saved in Hydra's config): "
+                          "MLflow reads MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD from the environment "
+                          "or ~/.mlflow/credentials; a database URI's password goes in PGPASSWORD or ~/.pgpass")
+
+
+def check_command_line(argv: list[str]) -> None:
+    """What must be refused before Hydra starts: an unknown trick (Hydra would not list the valid ones), a
+    password in the tracking URI (Hydra would save it in the run's .hydra/overrides.yaml)."""
+    check_trick_overrides(argv)
+    for a in argv:
+        key, _, value = a.partition("=")
+        if key.lstrip("+~") == "mlflow.tracking_uri":
+            check_tracking_uri(value)

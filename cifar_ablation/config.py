@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from .checks import ConfigError, boolean, interval, non_empty, number, one_of, optional, require
+from .checks import ConfigError, boolean, check_tracking_uri, interval, non_empty, number, one_of, optional, require
 from .designs import DESIGNS, SINGLE
 from .factorial import MAX_FRACTION, MAX_FULL, RESOLUTIONS, plan
 from .steps import graph_blocker
@@ -27,6 +27,7 @@ def validate(cfg: DictConfig) -> None:
     validate_tricks(cfg)
     require(cfg, "ablation.design", one_of(SINGLE, *DESIGNS))
     validate_factorial(cfg)
+    check_tracking_uri(str(cfg.mlflow.tracking_uri))
     require(cfg, "seed", number(0, integer=True))
     require(cfg, "jobs_per_device", number(1, integer=True))
     require(cfg, "device", one_of(*DEVICES))

@@ -1,0 +1,102 @@
+"""The real thing users outgrow one machine with: a SLURM cluster (single node, with accounting) running sweeps
+through Hydra's submitit launcher, into an `mlflow server` backed by PostgreSQL, with MLflow's basic-auth,
+listening beyond loopback. Services start from nothing here (tests/services/stack.py) and stop afterwards."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cifar_ablation.tracking import JOB, ROLE, SWEEP
+
+from .conftest import TINY, run_cli
+from .services import stack
+
+NEED = stack.missing(stack.SLURM_PACKAGES) + ([] if stack.PG_BIN else ["postgresql"])
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    bool(NEED) or os.geteuid() != 0,
+    reason=f"needs root and Debian's slurm-wlm, slurmdbd, munge, mariadb-server, postgresql (missing: "
+           f"{', '.join(NEED) or 'none'}; `make services` installs them as root)")]
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=test", "hydra.launcher.gpus_per_task=null",
+         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@dataclass
+class Cluster:
+    root: Path
+    uri: str            # the tracking server, on this machine's network address
+    password: str
+    env: dict           # what a user's shell has: SLURM_CONF and MLflow's credentials
+
+    def client(self) -> MlflowClient:
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=self.password)
+        return MlflowClient(self.uri)
+
+    def runs(self, experiment: str) -> list:
+        c = self.client()
+        exp = c.get_experiment_by_name(experiment)
+        return c.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # not under pytest's tmp folder: that is root's alone (0700), and postgres and mysql must reach theirs
+    root = Path(tempfile.mkdtemp(prefix="cifar-ablation-cluster-"))
+    root.chmod(0o755)
+    with stack.slurm(root / "slurm") as slurm_env, stack.postgres(root) as pg, \
+            stack.mlflow_server(root, pg) as server:
+        env = {**slurm_env, **ONE_THREAD, "MLFLOW_TRACKING_USERNAME": server["username"],
+               "MLFLOW_TRACKING_PASSWORD": server["password"]}
+        yield Cluster(root, server["uri"], server["password"], env)
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        os.environ.pop(k, None)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def job_args(tmp_path: Path, data: Path, cluster: Cluster, experiment: str) -> list[str]:
+    return [*TINY, "data=imagefolder", f"data.path={data}", f"data.cache_dir={tmp_path}/cache",
+            f"mlflow.tracking_uri={cluster.uri}", f"mlflow.experiment={experiment}"]
+
+
+def test_the_server_refuses_whoever_has_no_password(cluster):
+    url = cluster.uri + "/api/2.0/mlflow/experiments/search?max_results=1"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url, timeout=10)
+    assert e.value.code == 401
+    res = run_cli(["train.epochs=1", f"mlflow.tracking_uri={cluster.uri}", "mlflow.experiment=nobody"],
+                  cluster.root, env={"MLFLOW_TRACKING_PASSWORD": "wrong", "MLFLOW_TRACKING_USERNAME": "admin"})
+    assert res.returncode != 0 and "401" in res.stderr + res.stdout
+    assert cluster.client().get_experiment_by_name("nobody") is None
+
+
+def test_a_sweep_runs_as_a_slurm_array_into_the_authenticated_server(cluster, tmp_path, imagefolder):
+    data = imagefolder("tar", per_class=40)
+    res = run_cli(["-m", "trick=[],[flip]", "seed=0", *SLURM, *job_args(tmp_path, data, cluster, "slurm")],
+                  tmp_path, env=cluster.env, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    runs = cluster.runs("slurm")
+    (parent,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
+    assert parent.info.status == "FINISHED" and len(jobs) == 2
+    array = {r.data.tags["slurm_job"].split("_")[0] for r in jobs}
+    assert len(array) == 1 and sorted(r.data.tags["slurm_job"].split("_")[1] for r in jobs) == ["0", "1"]
+    client = cluster.client()
+    for r in jobs:
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1, 2]
+    # the password is nowhere MLflow or Hydra keep things: params, tags, saved configs, job folders
+    for r in runs:
+        assert cluster.password not in str(r.data.params) + str(r.data.tags)
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and cluster.password.encode() in p.read_bytes()]
+    assert not leaks

@@ -64,12 +64,12 @@ def line(runs: list, sweep_id: str, total: int | None, elapsed: float) -> str:
 
 
 class Progress:
-    """Polls the sweep's runs in a daemon thread; prints a line whenever more jobs are done. poll() may also be
-    called directly (after an in-process job, at the sweep's end)."""
+    """Polls the sweep's runs in a daemon thread; prints a line whenever the finished jobs' states change. poll()
+    may also be called directly (after an in-process job, at the sweep's end)."""
 
     def __init__(self, client, exp_id: str, sweep_id: str, total: int | None, every_s: float = 3.0) -> None:
         self.client, self.exp_id, self.sweep_id, self.total = client, exp_id, sweep_id, total
-        self.start, self.reported, self.every_s = time.monotonic(), 0, every_s
+        self.start, self.reported, self.every_s = time.monotonic(), [], every_s
         self.lock, self.stopped = threading.Lock(), threading.Event()
         threading.Thread(target=self._loop, name="sweep-progress", daemon=True).start()
 
@@ -84,9 +84,9 @@ class Progress:
             except Exception as e:  # a busy store: the next poll will do
                 log.debug("progress poll failed: %s", e)
                 return
-            done = sum(r.info.status in DONE for r in runs)
-            if done > self.reported:
-                self.reported = done
+            states = sorted(r.info.status for r in runs if r.info.status in DONE)
+            if states and states != self.reported:  # a job ended (or a KILLED one was requeued and resumed)
+                self.reported = states
                 log.info(line(runs, self.sweep_id, self.total, time.monotonic() - self.start))
 
     def stop(self) -> None:

@@ -70,9 +70,9 @@ def sweep_jobs(client: MlflowClient, exp_id: str, sweep_id: str) -> list:
 def owner() -> dict[str, str]:
     """Who runs a job: host and pid, and the SLURM job (a requeued SLURM job keeps its id on a new node)."""
     tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
-    if "SLURM_JOB_ID" in os.environ:
-        job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
-        tags["slurm_job"] = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if "SLURM_JOB_ID" in os.environ:  # as scontrol and scancel take it: ARRAYID_TASK for an array's task
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        tags["slurm_job"] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{task}" if task else os.environ["SLURM_JOB_ID"]
     return tags
 
 

@@ -100,3 +100,67 @@ def test_a_sweep_runs_as_a_slurm_array_into_the_authenticated_server(cluster, tm
         assert cluster.password not in str(r.data.params) + str(r.data.tags)
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and cluster.password.encode() in p.read_bytes()]
     assert not leaks
+
+
+SLOW = ["train.epochs=8", "model.widths=[32,64]", "model.dense=64", "data.subset=600", "train.batch_size=20"]
+
+
+def launch(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cifar_ablation", "-m", *args], cwd=cwd, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_until(what: str, check, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_at_epoch(cluster: Cluster, experiment: str, tricks: str, epoch: int):
+    """The job run of `tricks` once it has logged `epoch` epochs (and is still RUNNING), else None."""
+    client = cluster.client()
+    for r in cluster.runs(experiment):
+        if r.data.tags.get(ROLE) == JOB and r.data.tags["tricks"] == tricks and r.info.status == "RUNNING":
+            if len(client.get_metric_history(r.info.run_id, "val_acc")) >= epoch:
+                return r
+    return None
+
+
+def scontrol(cluster: Cluster, *args: str) -> str:
+    return subprocess.run(["scontrol", *args], env={**os.environ, **cluster.env}, capture_output=True,
+                          text=True).stdout
+
+
+def test_a_requeued_job_resumes_its_own_run(cluster, tmp_path, imagefolder):
+    """`scontrol requeue` mid-run: the job comes back (SLURM_RESTART_COUNT=1) and resumes the same run from
+    its checkpoint; one metric per epoch; final metrics equal to an uninterrupted run of the same config."""
+    args = ["trick=[flip]", "seed=0", *job_args(tmp_path, imagefolder("tar", per_class=200), cluster, "requeue"),
+            *SLOW]
+    proc = launch([*args, *SLURM], tmp_path, cluster.env)
+    run = wait_until("epoch 2 of the SLURM job", lambda: job_at_epoch(cluster, "requeue", "flip", 2))
+    job = run.data.tags["slurm_job"]
+    scontrol(cluster, "requeue", job)
+    # a requeued job may be held (~120 s) before it starts again: let it start now
+    def restarted() -> bool:
+        scontrol(cluster, "update", f"JobId={job}", "StartTime=now")
+        show = scontrol(cluster, "show", "job", job)
+        return "Restarts=1" in show and ("JobState=RUNNING" in show or "JobState=COMPLETED" in show)
+    wait_until("the requeued job to start", restarted, 180)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+
+    twin = run_cli(["-m", *args, "mlflow.experiment=requeue-twin"], tmp_path, env=cluster.env, timeout=600)
+    assert twin.returncode == 0, twin.stderr[-3000:]
+    client = cluster.client()
+    (again,) = [r for r in cluster.runs("requeue") if r.data.tags[ROLE] == JOB]
+    (plain,) = [r for r in cluster.runs("requeue-twin") if r.data.tags[ROLE] == JOB]
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.tags["slurm_job"] == job and again.data.tags["pid"] != run.data.tags["pid"]
+    for key in ("val_acc", "train_loss"):
+        assert [m.step for m in client.get_metric_history(again.info.run_id, key)] == list(range(1, 9)), key
+        assert again.data.metrics[key] == plain.data.metrics[key], key

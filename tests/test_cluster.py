@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cifar_ablation.tracking import JOB, ROLE, SWEEP
+from cifar_ablation.report import main as report_main
+from cifar_ablation.tracking import JOB, MEMBER, ROLE, SWEEP
 
 from .conftest import TINY, run_cli
 from .services import stack
@@ -164,3 +165,64 @@ def test_a_requeued_job_resumes_its_own_run(cluster, tmp_path, imagefolder):
     for key in ("val_acc", "train_loss"):
         assert [m.step for m in client.get_metric_history(again.info.run_id, key)] == list(range(1, 9)), key
         assert again.data.metrics[key] == plain.data.metrics[key], key
+
+
+def test_scancel_then_relaunch_resumes_skips_and_reports_every_configuration(cluster, tmp_path, imagefolder):
+    """scancel of a running job: its run KILLED with the reason, the sweep FAILED. The same command again skips
+    the finished job, resumes the cancelled one from its checkpoint, nests it under the new sweep, and the new
+    sweep's report holds both configurations."""
+    args = ["trick=[],[flip]", "seed=0", *job_args(tmp_path, imagefolder("tar", per_class=200), cluster, "cancel"),
+            *SLOW, *SLURM]
+    proc = launch(args, tmp_path, cluster.env)
+    run = wait_until("epoch 2 of [flip]", lambda: job_at_epoch(cluster, "cancel", "flip", 2))
+    subprocess.run(["scancel", run.data.tags["slurm_job"]], env={**os.environ, **cluster.env}, check=True)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode != 0, out[-3000:]
+    runs = cluster.runs("cancel")
+    (first,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    jobs = {r.data.tags["tricks"]: r for r in runs if r.data.tags[ROLE] == JOB}
+    assert first.info.status == "FAILED" and "jobs:" in first.data.tags["failure_reason"]
+    assert jobs["flip"].info.status == "KILLED" and "Terminated" in jobs["flip"].data.tags["failure_reason"]
+    assert jobs["baseline"].info.status == "FINISHED"
+
+    again = run_cli(["-m", *args], tmp_path, env=cluster.env, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    runs = cluster.runs("cancel")
+    (second,) = [r for r in runs if r.data.tags[ROLE] == SWEEP and r.info.run_id != first.info.run_id]
+    jobs = {r.data.tags["tricks"]: r for r in runs if r.data.tags[ROLE] == JOB}
+    assert second.info.status == "FINISHED" and len(jobs) == 2
+    base, flip = jobs["baseline"], jobs["flip"]
+    # the finished job was skipped (trained by the first sweep), yet belongs to the second
+    assert base.data.tags["sweep_id"] == first.info.run_id and base.data.tags[f"{MEMBER}{second.info.run_id}"] == "1"
+    assert flip.info.run_id == run.info.run_id and flip.info.status == "FINISHED"
+    assert flip.data.tags["mlflow.parentRunId"] == second.info.run_id  # the UI nests it under the new sweep
+    assert [m.step for m in cluster.client().get_metric_history(flip.info.run_id, "val_acc")] == list(range(1, 9))
+    assert report_main(["--tracking-uri", cluster.uri, "--experiment", "cancel", "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "ladder.md").read_text()
+    assert "| 0 | baseline | 1 |" in text and "| 1 | flip | 1 |" in text and "Missing" not in text
+
+
+def test_sixteen_concurrent_jobs_write_through_the_server_and_nothing_is_lost(cluster, tmp_path, imagefolder):
+    seeds = ",".join(str(s) for s in range(16))
+    res = run_cli(["-m", f"seed={seeds}", "hydra/launcher=parallel", "jobs_per_device=16", "train.epochs=1",
+                   *job_args(tmp_path, imagefolder("tar", per_class=40), cluster, "sixteen")],
+                  tmp_path, env=cluster.env, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    client = cluster.client()
+    runs = cluster.runs("sixteen")
+    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
+    assert sorted(int(r.data.tags["seed"]) for r in jobs) == list(range(16))
+    assert len({r.data.tags["pid"] for r in jobs}) == 16  # sixteen processes, each its own writer
+    counted = {"runs": 0, "metric values": 0, "artifacts": 0}
+    for r in jobs:
+        assert r.info.status == "FINISHED"
+        counted["runs"] += 1
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second"):
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+            assert steps == [1], (r.data.tags["seed"], key, steps)
+            counted["metric values"] += len(steps)
+        names = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"config.yaml", "checkpoint"} <= names, names
+        counted["artifacts"] += len(names)
+    assert counted == {"runs": 16, "metric values": 16 * 7, "artifacts": 16 * 2}
+    print(f"16 concurrent writers through the server: {counted}")

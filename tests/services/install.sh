@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Debian packages the tests drive for real: Chromium (the MLflow UI test). Installed only where missing, and only
-# as root with apt-get (CI); elsewhere it says what is missing and the tests that need it skip with that reason.
+# Debian packages the tests drive for real: Chromium (the MLflow UI test); SLURM with accounting (munge, MariaDB,
+# slurmdbd) and PostgreSQL (the cluster tests, tests/services/stack.py starts them). Installed only where missing,
+# and only as root with apt-get (CI); elsewhere it says what is missing and the tests that need it skip, saying so.
 set -uo pipefail
 need=()
 [ -x /usr/bin/chromium ] || need+=(chromium)
+for pkg in slurm-wlm:slurmctld slurmd:slurmd slurmdbd:slurmdbd munge:munged mariadb-server:mariadbd; do
+    command -v "${pkg#*:}" >/dev/null || [ -x "/usr/sbin/${pkg#*:}" ] || need+=("${pkg%%:*}")
+done
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -eq 0 ]; then
     echo "services: all installed"; exit 0
 fi

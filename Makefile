@@ -13,7 +13,7 @@ DATA_ARGS ?= $(if $(wildcard $(MIRROR)),data=imagefolder data.path=$(MIRROR),dat
 .PHONY: help install services demo test test-slow ladder gpu-prep gpu-run report ui screenshots bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## make .venv and install the package (editable) with its dev extras
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-services:  ## Debian packages the tests drive (Chromium), where missing: as root with apt-get, else a note
+services:  ## Debian packages the tests drive (Chromium, SLURM, PostgreSQL), where missing (root + apt-get)
 	bash tests/services/install.sh
 
 demo: install  ## a small full factorial (3 tricks: 8 configurations x 2 seeds, a narrow net), then its report
@@ -35,10 +35,10 @@ demo: install  ## a small full factorial (3 tricks: 8 configurations x 2 seeds, 
 	@echo "      the slide's full ladder, on a GPU: make ladder"
 
 test: install services  ## the test suite, all but the multi-process launcher tests
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
-test-slow: install services  ## the multi-process launcher tests (8 parallel jobs, submitit): a few minutes on 2 cores
-	$(BIN)/python -m pytest -q -m slow
+test-slow: install services  ## multi-process tests: parallel launchers, a SLURM cluster, PostgreSQL + auth server
+	$(BIN)/python -m pytest -q -m slow --durations=20
 
 ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds (CIFAR-10, or the mirror here), then its report
 	@echo "ladder data: $(DATA_ARGS)"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tarfile
@@ -19,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import cifar_ablation  # noqa: F401  (registers the design_sweep resolver)
+
+from .services.stack import free_port  # noqa: F401  (for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -111,12 +112,6 @@ def run_cli(args: list[str], cwd: Path, module: str = "cifar_ablation", timeout:
     e = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=e)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def runs_in(db: Path, experiment: str):

@@ -102,6 +102,7 @@ def test_each_design_sweeps_and_reports(tmp_path, imagefolder, capsys, design, r
                    f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=design"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Launching 6 jobs" in res.stdout + res.stderr  # 3 trick sets x 2 seeds, no -m needed
+    assert ": job 6 of 6 done (FINISHED 6)" in res.stdout + res.stderr  # counted from the design's sweep params
     assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "design", "--out", str(tmp_path)]) == 0
     table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
     assert [ln[2:].split(" | 2 | ")[0] for ln in table] == rows  # the row's label, then n = 2

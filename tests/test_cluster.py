@@ -55,8 +55,8 @@ def cluster():
     # not under pytest's tmp folder: that is root's alone (0700), and postgres and mysql must reach theirs
     root = Path(tempfile.mkdtemp(prefix="cifar-ablation-cluster-"))
     root.chmod(0o755)
-    with stack.slurm(root / "slurm") as slurm_env, stack.postgres(root) as pg, \
-            stack.mlflow_server(root, pg) as server:
+    with stack.slurm(root / "slurm") as slurm_env, stack.postgres(root) as (pg, pg_password), \
+            stack.mlflow_server(root, pg, pg_password) as server:
         env = {**slurm_env, **ONE_THREAD, "MLFLOW_TRACKING_USERNAME": server["username"],
                "MLFLOW_TRACKING_PASSWORD": server["password"]}
         yield Cluster(root, server["uri"], server["password"], env)
@@ -204,8 +204,8 @@ def test_scancel_then_relaunch_resumes_skips_and_reports_every_configuration(clu
 
 def test_sixteen_concurrent_jobs_write_through_the_server_and_nothing_is_lost(cluster, tmp_path, imagefolder):
     seeds = ",".join(str(s) for s in range(16))
-    res = run_cli(["-m", f"seed={seeds}", "hydra/launcher=parallel", "jobs_per_device=16", "train.epochs=1",
-                   *job_args(tmp_path, imagefolder("tar", per_class=40), cluster, "sixteen")],
+    res = run_cli(["-m", f"seed={seeds}", "hydra/launcher=parallel", "jobs_per_device=16",
+                   *job_args(tmp_path, imagefolder("tar", per_class=40), cluster, "sixteen"), "train.epochs=1"],
                   tmp_path, env=cluster.env, timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     client = cluster.client()

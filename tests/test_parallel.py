@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import pytest
 from cifar_ablation.report import main as report_main
 from cifar_ablation.tracking import JOB, REPORT, ROLE, SWEEP
 
-from .conftest import TINY, free_port, run_cli, runs_in
+from .conftest import TINY, run_cli, runs_in
+from .services import stack
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -59,27 +59,9 @@ def test_submitit_local_launcher(tmp_path, imagefolder):
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job workers
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("mlflow server did not start:\n" + proc.stdout.read()[-3000:])
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    """An open `mlflow server` over sqlite on loopback (the authenticated PostgreSQL one: test_cluster.py)."""
+    with stack.mlflow_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}", auth=False, host="127.0.0.1") as s:
+        yield s["uri"]
 
 
 def api(url: str, path: str, body: dict | None = None) -> dict:

@@ -72,8 +72,9 @@ def kill_pidfile(path: Path, sig: int = signal.SIGTERM) -> None:
 
 
 @contextlib.contextmanager
-def postgres(root: Path) -> Iterator[str]:
-    """PostgreSQL in root/pg on a free port; yields the URI of database 'mlflow' for user 'mlflow'."""
+def postgres(root: Path) -> Iterator[tuple[str, str]]:
+    """PostgreSQL in root/pg on a free port; yields (the URI of database 'mlflow' for user 'mlflow', without its
+    password; the password, for PGPASSWORD: a password in a URI would show on a command line)."""
     data, port, password = root / "pg", free_port(), secrets.token_hex(8)
     data.mkdir(parents=True)
     shutil.chown(data, "postgres", "postgres")
@@ -88,17 +89,19 @@ def postgres(root: Path) -> Iterator[str]:
         env = {**os.environ, "PGPASSWORD": password}
         for sql in (f"CREATE USER mlflow PASSWORD '{password}'", "CREATE DATABASE mlflow OWNER mlflow"):
             run("psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", sql, env=env)
-        yield f"postgresql://mlflow:{password}@127.0.0.1:{port}/mlflow"
+        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow", password
     finally:
         with contextlib.suppress(Exception):
             as_user("postgres", f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, backend: str, auth: bool = True) -> Iterator[dict]:
-    """`mlflow server` over `backend`, artifacts under root/artifacts, bound to every interface (jobs on other
-    nodes reach it), with MLflow's basic-auth app and a generated admin password. Yields uri, username,
-    password and the log path. Its own users live in root/auth.db."""
+def mlflow_server(root: Path, backend: str, db_password: str = "", auth: bool = True,
+                  host: str = "0.0.0.0") -> Iterator[dict]:
+    """`mlflow server` over `backend` (its password in PGPASSWORD), artifacts under root/artifacts, bound to
+    `host` (every interface by default: jobs on other nodes reach it), with MLflow's basic-auth app and a
+    generated admin password (auth=False: open, for loopback only). Yields uri, username, password and the log
+    path. Its own users live in root/auth.db."""
     port, password = free_port(), secrets.token_urlsafe(12)
     ini = root / "auth.ini"
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
@@ -108,15 +111,16 @@ def mlflow_server(root: Path, backend: str, auth: bool = True) -> Iterator[dict]
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     log = root / "mlflow-server.log"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
-           str(root / "artifacts"), "--host", "0.0.0.0", "--port", str(port), "--workers", "2",
+           str(root / "artifacts"), "--host", host, "--port", str(port), "--workers", "2",
            "--allowed-hosts", "*"]
     if auth:
         cmd += ["--app-name", "basic-auth"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-                                env={**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                                env={**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "PGPASSWORD": db_password,
+                                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no GenAI job workers
                                      "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
-    uri = f"http://{host_address()}:{port}"
+    uri = f"http://{host_address() if host == '0.0.0.0' else host}:{port}"
 
     def up() -> bool:
         if proc.poll() is not None:

@@ -74,7 +74,8 @@ def kill_pidfile(path: Path, sig: int = signal.SIGTERM) -> None:
 @contextlib.contextmanager
 def postgres(root: Path) -> Iterator[tuple[str, str]]:
     """PostgreSQL in root/pg on a free port; yields (the URI of database 'mlflow' for user 'mlflow', without its
-    password; the password, for PGPASSWORD: a password in a URI would show on a command line)."""
+    password; the password, for PGPASSWORD: a password in a URI would show on a command line). A second
+    database, 'mlflow2', is there for a second server."""
     data, port, password = root / "pg", free_port(), secrets.token_hex(8)
     data.mkdir(parents=True)
     shutil.chown(data, "postgres", "postgres")
@@ -87,7 +88,8 @@ def postgres(root: Path) -> Iterator[tuple[str, str]]:
             f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
     try:
         env = {**os.environ, "PGPASSWORD": password}
-        for sql in (f"CREATE USER mlflow PASSWORD '{password}'", "CREATE DATABASE mlflow OWNER mlflow"):
+        for sql in (f"CREATE USER mlflow PASSWORD '{password}'", "CREATE DATABASE mlflow OWNER mlflow",
+                    "CREATE DATABASE mlflow2 OWNER mlflow"):
             run("psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", sql, env=env)
         yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow", password
     finally:
@@ -137,7 +139,7 @@ def mlflow_server(root: Path, backend: str, db_password: str = "", auth: bool = 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(15)
+            proc.wait(5)  # uvicorn drains keep-alive connections for a while: no need here
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 

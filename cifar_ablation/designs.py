@@ -77,7 +77,7 @@ SINGLE = "single"  # ablation.design of a hand-made run or sweep (`-m trick=...`
 
 def _each_vs_baseline(order: list[str], fraction: None = None, sets: tuple = ()) -> list[RowSpec]:
     """The trick sets swept, the baseline first, each against the baseline."""
-    sets = sorted(sets, key=lambda s: (len(s), [order.index(t) if t in order else len(order) for t in s]))
+    sets = sorted(sets, key=lambda s: (len(s), [_position(order, t) for t in s]))
     base = 0 if sets and sets[0] == () else None
     return [RowSpec(("+ " + " + ".join(s),) if s else ("baseline",), s, None if not s else base) for s in sets]
 

@@ -48,16 +48,15 @@ def duration(seconds: float) -> str:
 def line(runs: list, sweep_id: str, total: int | None, elapsed: float) -> str:
     """One progress line from the sweep's job runs."""
     done = [r for r in runs if r.info.status in DONE]
-    skipped = sum(r.data.tags.get("sweep_id") != sweep_id for r in done)
     counts: dict[str, int] = {}
-    for r in done:
+    for r in done:  # a job another sweep trained was skipped here
         state = "skipped" if r.data.tags.get("sweep_id") != sweep_id else r.info.status
         counts[state] = counts.get(state, 0) + 1
     states = ", ".join(f"{k} {v}" for k, v in counts.items())
     running = len(runs) - len(done)
     text = f"sweep {sweep_id[:6]}…: job {len(done)}{f' of {total}' if total else ''} done ({states}"
     text += f"; running {running})" if running else ")"
-    trained = len(done) - skipped
+    trained = len(done) - counts.get("skipped", 0)
     if total and trained and total > len(done):
         text += f"; ETA {duration((total - len(done)) * elapsed / trained)}"
     return text

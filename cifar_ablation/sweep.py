@@ -133,12 +133,11 @@ def publish(client: MlflowClient, parent: str, out: Path, figures: bool = True) 
     from .tables import build_table
 
     try:
-        exp_id = client.get_run(parent).info.experiment_id
-        runs = sweep_jobs(client, exp_id, parent)
+        sweep = client.get_run(parent)
+        runs = sweep_jobs(client, sweep.info.experiment_id, parent)
         if not runs:
             return
-        design = client.get_run(parent).data.tags.get("design")
-        table = build_table(runs, design)
+        table = build_table(runs, sweep.data.tags.get("design"))
         text = render(table, f"{table.design.name} — sweep {parent} ({len(runs)} runs)")
         files = write_files(client, table, text, out, figures)
         client.set_tag(parent, "mlflow.note.content", text)

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from . import attribution
 from .designs import DESIGNS
 from .tables import Table, build_table, compare_markdown, markdown, write_csv
-from .tracking import JOB, REPORT, ROLE, SWEEP, client_for, sweep_jobs
+from .tracking import JOB, REPORT, ROLE, SWEEP, client_for, missing_store, sweep_jobs
 
 
 def load_sweep(client, exp_id: str, sweep: str):
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="per trick, what every design in the experiment says it bought (latest sweep of each)")
     args = ap.parse_args(argv)
 
-    store = args.tracking_uri[len("sqlite:///"):] if args.tracking_uri.startswith("sqlite:///") else None
-    if store is not None and not Path(store).expanduser().exists():  # reading must not create an empty store
-        print(f"error: no MLflow store at {Path(store).expanduser().resolve()} (--tracking-uri {args.tracking_uri}); "
+    missing = missing_store(args.tracking_uri)
+    if missing:
+        print(f"error: no MLflow store at {missing} (--tracking-uri {args.tracking_uri}); "
               "run a sweep first, or point --tracking-uri at the store it wrote", file=sys.stderr)
         return 2
     client = client_for(args.tracking_uri)

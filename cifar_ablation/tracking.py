@@ -40,6 +40,15 @@ def client_for(uri: str) -> MlflowClient:
     return client
 
 
+def missing_store(uri: str) -> Path | None:
+    """The sqlite file a reader (report, UI) was pointed at, when it does not exist: reading must not create an
+    empty store. None for an existing file or a server."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):]).expanduser()
+    return None if db.exists() else db.resolve()
+
+
 def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:
     """Create the store's schema and the experiment if needed; return the experiment id. Call it once in the
     launching process (SweepTracking does) before jobs start: sqlite stores created by racing processes

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from .tracking import ROLE, SWEEP, client_for
+from .tracking import ROLE, SWEEP, client_for, missing_store
 
 BROWSER = "/usr/bin/chromium"  # Debian's chromium; Playwright drives it (no browser download)
 # A headless Chromium on a closed network: no sandbox as root, none of its own background connections.
@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default=None, help="with --screenshots: the experiment to picture")
     ap.add_argument("--screenshots", metavar="DIR", help="save pictures of the UI to DIR instead of serving")
     args = ap.parse_args(argv)
-    store = args.tracking_uri.removeprefix("sqlite:///")
-    if store != args.tracking_uri and not Path(store).exists():
-        print(f"error: no MLflow store at {Path(store).resolve()}; run a sweep first (make demo)", file=sys.stderr)
+    missing = missing_store(args.tracking_uri)
+    if missing:
+        print(f"error: no MLflow store at {missing}; run a sweep first (make demo)", file=sys.stderr)
         return 2
     if args.screenshots:
         exp_id, sweep = latest_sweep(args.tracking_uri, args.experiment or "cifar-ablation")

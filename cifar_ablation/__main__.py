@@ -32,12 +32,13 @@ def run_job(cfg: DictConfig) -> float | None:
     # torch and MLflow are imported here, not above: cli() refuses an unknown trick before paying for them
     import torch
 
-    from .config import validate
+    from .config import apply_trick_params, validate
     from .data import load_images
     from .jobrun import SKIP, claim, job_run, join_sweep
     from .tracking import open_experiment
     from .train import pick_device, train
 
+    apply_trick_params(cfg)  # ablation.params into the chosen tricks
     validate(cfg)  # bad values fail here, before any data is read or run opened
     tricks = ordered_tricks(cfg.trick, cfg.ablation.order)
     client, exp_id = open_experiment(cfg)  # made by the launcher's callback already: a lookup here

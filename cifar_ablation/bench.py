@@ -197,7 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| ratio trainer / textbook | {ratio:.2f}x |")
     if ours.get("compile_seconds"):
         print(f"| compile time (not in the rate) | {ours['compile_seconds']:.1f} s |")
-    result = {"device": where, "textbook_images_per_second": base, "trainer": ours, "ratio": ratio}
+    result = {"device": where, "torch": torch.__version__, "args": vars(args), "textbook_images_per_second": base,
+              "trainer": ours, "ratio": ratio}
+    if args.json:  # now, and again with the concurrent runs: a run cut short keeps the comparison
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     if args.concurrent > 0:
         agg = concurrent(args)
         mem = [r.get("peak_mem_gib") for r in agg["per_run"]]

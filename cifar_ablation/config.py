@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .checks import ConfigError, boolean, check_tracking_uri, interval, non_empty, number, one_of, optional, require
 from .designs import DESIGNS, SINGLE
@@ -64,6 +64,25 @@ def validate(cfg: DictConfig) -> None:
     validate_data(cfg)
     require(cfg, "mlflow.tracking_uri", non_empty("tracking URI"))
     require(cfg, "mlflow.experiment", non_empty("experiment name"))
+
+
+def apply_trick_params(cfg: DictConfig) -> None:
+    """ablation.params.<trick>.<param>: a trick's parameter wherever that trick is chosen, so that a sweep over
+    trick sets (a design) can set one without turning the trick on in every job. Merged into cfg.trick in place,
+    before validate() checks the values."""
+    params = OmegaConf.select(cfg, "ablation.params", default=None) or {}
+    for name, values in params.items():
+        if name not in TRICKS:
+            raise ConfigError("ablation.params", name, f"a map keyed by known tricks: {', '.join(TRICKS)}")
+        if not isinstance(values, DictConfig):
+            raise ConfigError(f"ablation.params.{name}", values, f"a map of {name}'s parameters to values")
+        for param in values:
+            if param not in TRICKS[name].checks:
+                raise ConfigError(f"ablation.params.{name}", param,
+                                  f"a parameter of {name}: {', '.join(TRICKS[name].checks)}")
+        if name in (cfg.get("trick") or {}):
+            with open_dict(cfg):
+                cfg.trick[name] = OmegaConf.merge(cfg.trick[name], values)
 
 
 def validate_tricks(cfg: DictConfig) -> None:

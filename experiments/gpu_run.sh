@@ -13,7 +13,7 @@
 # (make gpu-prep: ../shared/tools/offline-wheels.sh .whl) and the data (data/cifar10-jpeg.tar.gz) in
 # the checkout; the script installs the wheels into /tmp/site when Hydra is missing. --tiny is the same script
 # at toy sizes on the CPU, for rehearsal here (tests/test_gpu_run.py runs it).
-# Budget (seconds of the whole run): GPU_RUN_BUDGET, default 530 (the device tool allows 600 per command).
+# Budget (seconds of the whole run): GPU_RUN_BUDGET, default 540 (the device tool allows 600 per command).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY=0
@@ -21,7 +21,7 @@ if [ "${1:-}" = "--tiny" ]; then TINY=1; shift; fi
 OUT=${1:-${OUT:-gpu_out}}
 PY=${PYTHON:-python3}
 WORK=${WORK:-$(mktemp -d /tmp/gpu_run.XXXX)}
-BUDGET=${GPU_RUN_BUDGET:-530}
+BUDGET=${GPU_RUN_BUDGET:-540}
 T0=$(date +%s)
 mkdir -p "$OUT/slide_ladder" "$WORK"
 LOG="$OUT/run.log"
@@ -57,29 +57,35 @@ done
 export CIFAR_ABLATION_JPEG=$DATA
 log "python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')"
 log "data: $DATA; store: $WORK/mlflow.db; tiny: $TINY"
+CACHE=$WORK/cache                    # one decode of the archive, shared by the tests, the bench and the ladder
+export CIFAR_ABLATION_TEST_CACHE=$CACHE
 if [ $TINY = 1 ]; then
   SIZE=(data.subset=200 data.val_subset=100 'model.widths=[8,16]' model.dense=32 train.batch_size=50
         train.eval_batch_size=100 train.epochs=1 device=cpu jobs_per_device=2)
   BENCH=(--subset 200 --val-subset 100 --epochs 1 --batch-size 50 --workers 0 --concurrent 2 --device cpu)
+  FORMS=(data.subset=200 data.val_subset=100 'model.widths=[8,16]' model.dense=32 train.batch_size=50
+         train.eval_batch_size=100 train.epochs=1 device=cpu)
 else
   SIZE=(jobs_per_device=9)
+  FORMS=()
   BENCH=(--subset 50000 --val-subset 10000 --epochs 3 --batch-size 128 --workers 8 --concurrent 9)
 fi
 
 # --- 2. the GPU tests (skipped with their reason on a CPU) ---------------------------------------------------
-step gpu-tests 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py \
+step gpu-tests 110 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py \
   tests/test_learning.py::test_cuda_path_learns_clearly_above_chance \
   tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change
 
 # --- 3. the benchmark at full size ---------------------------------------------------------------------------
-step bench 150 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json"
+step bench 100 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
+  --override "data.cache_dir=$CACHE"
 
 # --- 4. the ladder, one seed at a time, then its report --------------------------------------------------------
 STORE=sqlite:///$WORK/mlflow.db
 for seed in 0 1 2; do
   step "ladder seed $seed" 600 $PY -m cifar_ablation experiment=slide_ladder "hydra.sweeper.params.seed=$seed" \
     data=imagefolder "data.path=$DATA" hydra/launcher=parallel train.checkpoint=false train.progress_every_s=0 \
-    "${SIZE[@]}" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder \
+    "${SIZE[@]}" "data.cache_dir=$CACHE" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder \
     "hydra.sweep.dir=$WORK/multirun/seed$seed"
   rc=$?
   if [ $rc = 124 ] || [ $rc = 137 ]; then log "the budget ended inside seed $seed: no further seeds"; break; fi
@@ -87,5 +93,25 @@ done
 BUDGET=$(( BUDGET + 40 ))  # the report runs even when the ladder used the whole budget
 step report 40 $PY -m cifar_ablation.report --tracking-uri "$STORE" --experiment slide-ladder --sweep all \
   --out "$OUT/slide_ladder"
+cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null
+BUDGET=$(( BUDGET - 40 ))  # what is left of the budget proper
+
+# --- 5. with what budget is left: the top rung in the forms the recipe departs from (seed 0, side by side) ----
+# the slide's crop-and-resize at capacity x4, and the translate crop at the default capacity x2
+ALL='trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]'
+form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
+  local limit=$1
+  shift
+  timeout --signal=TERM --kill-after=15 "$limit" $PY -m cifar_ablation "$ALL" seed=0 data=imagefolder \
+    "data.path=$DATA" "data.cache_dir=$CACHE" "$@" train.checkpoint=false train.progress_every_s=0 \
+    "${FORMS[@]}" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder-forms >>"$LOG" 2>&1 &
+}
+if [ "$(left)" -gt 30 ]; then
+  log "== forms (at most $(left)s): crop=resize at capacity x4, crop=translate at capacity x2"
+  form "$(left)" trick.crop.mode=resize trick.capacity.width_mult=4 trick.capacity.dense_mult=2
+  form "$(left)" trick.crop.mode=translate trick.capacity.width_mult=2 trick.capacity.dense_mult=2
+  wait
+  log "== forms: done"
+fi
 cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null
 log "done in $(( $(date +%s) - T0 ))s"

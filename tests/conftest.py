@@ -104,7 +104,8 @@ def jpeg_cache(tmp_path_factory) -> Path:
     """One decode of the real JPEG mirror per test session, shared by the tests that read it."""
     if not JPEG_ARCHIVE.exists():
         pytest.fail(f"{JPEG_ARCHIVE} is missing: the tests need the shared CIFAR-10 JPEG mirror")
-    return tmp_path_factory.mktemp("cache")
+    shared = os.environ.get("CIFAR_ABLATION_TEST_CACHE")  # experiments/gpu_run.sh: one decode for all its steps
+    return Path(shared) if shared else tmp_path_factory.mktemp("cache")
 
 
 def run_cli(args: list[str], cwd: Path, module: str = "cifar_ablation", timeout: int = 300,

@@ -46,7 +46,7 @@ ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds (CIFAR-10, 
 	$(BIN)/python -m cifar_ablation.report --experiment slide-ladder --out experiments/slide_ladder
 
 gpu-prep:  ## before a GPU run: MLflow/Hydra wheels into .whl/, the JPEG mirror into data/ (both git-ignored)
-	bash ../shared/tools/offline-wheels.sh .whl 'mlflow>=3.7,<3.18' submitit joblib pydoe3
+	bash ../shared/tools/offline-wheels.sh .whl 'mlflow>=3.7,<3.18' submitit joblib pydoe3 pytest
 	mkdir -p data && cp $(MIRROR) data/cifar10-jpeg.tar.gz
 	du -shc .whl data/cifar10-jpeg.tar.gz
 

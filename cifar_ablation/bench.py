@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_module
 import time
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def accuracy_match(args: argparse.Namespace, images: Images, device: torch.devic
 
 def trainer(cfg, images: Images, device: torch.device) -> dict:
     if device.type == "cuda":
+        torch.cuda.init()  # a fresh process has no allocator for the device yet: resetting its stats would fail
         torch.cuda.reset_peak_memory_stats(device)
     epochs: list[dict] = []  # each epoch's metrics; the first holds compile_seconds when compiling
     t0 = time.perf_counter()
@@ -148,7 +150,16 @@ def concurrent(args: argparse.Namespace) -> dict:
         p.start()
     results = {}
     while len(results) < args.concurrent:
-        kind, slot, r = queue.get(timeout=3600)
+        try:
+            kind, slot, r = queue.get(timeout=5)
+        except queue_module.Empty:  # a run that died puts nothing: stop, naming it, instead of waiting forever
+            dead = [k for k, p in enumerate(procs) if p.exitcode not in (None, 0) and k not in results]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"concurrent run(s) {dead} died (exit code {procs[dead[0]].exitcode}); "
+                                   "their traceback is above")
+            continue
         if kind == "done":
             results[slot] = r
     for p in procs:

@@ -36,7 +36,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("train.epochs", "train.batch_size", "train.eval_batch_size"):
         require(cfg, key, number(1, integer=True))
     require(cfg, "train.label_smoothing", number(0, 1, hi_open=True))
-    for key in ("force", "train.amp", "train.channels_last", "train.compile", "train.checkpoint", "optim.nesterov"):
+    for key in ("force", "train.amp", "train.channels_last", "train.compile", "train.checkpoint",
+                "train.cudnn_benchmark", "optim.nesterov"):
         require(cfg, key, boolean)
     require(cfg, "train.progress_every_s", number(0))
     require(cfg, "train.cuda_graph", lambda v: None if v == "auto" or isinstance(v, bool) else "auto, true or false")

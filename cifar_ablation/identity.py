@@ -18,7 +18,8 @@ SEMANTIC = ("seed", "trick", "model", "optim", "ablation.order", "train.epochs",
             "data.name", "data.root", "data.path", "data.subset", "data.val_subset")
 # Keys that do not: where and how a run executes and is tracked. Left out of the semantic hash.
 NON_SEMANTIC = ("device", "force", "jobs_per_device", "mlflow", "train.progress_every_s", "train.checkpoint",
-                "train.compile", "train.cuda_graph", "ablation.design", "ablation.fraction", "ablation.slide",
+                "train.compile", "train.cuda_graph", "train.cudnn_benchmark", "ablation.design", "ablation.fraction",
+                "ablation.slide",
                 "ablation.params",  # its effect is in trick.* (merged there for the chosen tricks)
                 "data.cache_dir",
                 "data.download")

@@ -1,8 +1,8 @@
 """The training step, two ways: eager (every op launched from Python), or captured once as a CUDA graph and
 replayed (one launch for forward, loss with the L1/L2 term, backward and the optimizer step).
 
-train_epoch() calls whichever train.setup() chose, then steps the schedule (outside the graph: the learning
-rate is a tensor the graph reads, filled in place by the scheduler). Both kinds accumulate the epoch's loss
+train_epoch() calls whichever train.setup() chose, then its schedule() (outside the graph: the learning rate is
+a tensor the graph reads, filled in place by the scheduler, and put back should a scheduler replace it). Both kinds accumulate the epoch's loss
 and correct count on the device, so an epoch talks to the host once. Augmentation stays outside the graph:
 the loader's batch is copied into the graph's static input buffers.
 
@@ -51,9 +51,14 @@ class EagerStep:
         total = loss if extra is None else loss + extra
         total.backward()
         p.opt.step()
-        self.loss_sum += loss.detach() * len(y)
+        loss = loss.detach()  # the caller keeps it: it must not keep the autograd graph (and its streams) alive
+        self.loss_sum += loss * len(y)
         self.correct += (logits.argmax(1) == y).sum()
         return loss
+
+    def schedule(self) -> None:
+        """The learning rate schedule's step, after each training step."""
+        self.p.sched.step()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.p.opt.zero_grad(set_to_none=True)
@@ -70,6 +75,7 @@ class GraphStep(EagerStep):
     def __init__(self, p: Any, strict: bool):
         super().__init__(p)
         self.strict, self.warmed, self.graph = strict, 0, None
+        self.lrs = [g["lr"] for g in p.opt.param_groups]  # the learning-rate tensors the graph will read
         self.fallback: str | None = None   # why the step runs eagerly after all
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -92,6 +98,16 @@ class GraphStep(EagerStep):
         self.y.copy_(y)
         self.graph.replay()
         return self.loss
+
+    def schedule(self) -> None:
+        """The schedule's step; then each group's learning rate is the very tensor the graph reads. PyTorch's
+        schedulers fill a tensor learning rate in place (torch >= 2.7); one that assigns a new value instead
+        would leave the graph on a stale rate: its value is copied into the captured tensor and that is put back."""
+        super().schedule()
+        for group, lr in zip(self.p.opt.param_groups, self.lrs):
+            if isinstance(lr, torch.Tensor) and group["lr"] is not lr:
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
 
     def _warm_up(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         side = torch.cuda.Stream(self.p.device)

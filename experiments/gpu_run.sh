@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# One prepared run on a bare GPU machine (issue #10): the GPU tests, the full-size benchmark, then the slide's
-# 27-run ladder (all of seed 0, then seed 1, then seed 2, so a run cut short still leaves whole seeds) and its
-# report. Everything it produces goes under OUT as it comes, at most 8 files (what the device tool returns):
+# The prepared run on a bare GPU machine (issue #10): the GPU tests, the full-size benchmark, the slide's 27-run
+# ladder (all of seed 0, then seed 1, then seed 2, so a run cut short still leaves whole seeds) and its report,
+# then the two recipe forms side by side. Everything it produces goes under OUT as it comes, at most 8 files
+# (what the device tool returns):
 #   run.log             every step's output and its wall time
 #   bench.json          the benchmark's numbers
-#   mlflow.db           the tracking store of the ladder (re-report it later: report --tracking-uri sqlite:///…)
+#   mlflow.db           the tracking store (re-report it later: report --tracking-uri sqlite:///…)
 #   slide_ladder/       ladder.md, ladder.csv and the three figures
 #
-#   experiments/gpu_run.sh [--tiny] [OUT]      (make gpu-run; OUT defaults to $OUT, else gpu_out)
+#   experiments/gpu_run.sh [--tiny] [--steps tests,bench,ladder,forms] [OUT]   (make gpu-run; OUT: $OUT, gpu_out)
 #
+# --steps picks steps (default: all four, in that order). One H100 call of 600 s cannot hold them all (first
+# H100 run, experiments/slide_ladder/NOTES.md: one seed of the ladder took 270 s), so a session does two calls on
+# the same warm machine: `--steps ladder` then `--steps ladder,tests,bench,forms`. WORK (default
+# /tmp/cifar_ablation_gpu) keeps the store and the decoded data between the calls: the second call's ladder skips
+# the FINISHED jobs and reruns only what the first left unfinished.
+# On CUDA the runs share the GPU through MPS (nvidia-cuda-mps-control) where it starts (MPS=0: never): without it
+# the processes of a parallel sweep take turns on the GPU instead of running their kernels side by side.
 # The GPU machine has python3 with torch but no Hydra or MLflow, no network, and no ../shared: carry the wheels
 # (make gpu-prep: ../shared/tools/offline-wheels.sh .whl) and the data (data/cifar10-jpeg.tar.gz) in
 # the checkout; the script installs the wheels into /tmp/site when Hydra is missing. --tiny is the same script
@@ -16,11 +24,17 @@
 # Budget (seconds of the whole run): GPU_RUN_BUDGET, default 540 (the device tool allows 600 per command).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-TINY=0
-if [ "${1:-}" = "--tiny" ]; then TINY=1; shift; fi
+TINY=0 STEPS=tests,bench,ladder,forms
+while [ $# -gt 0 ]; do
+  case $1 in
+    --tiny) TINY=1; shift ;;
+    --steps) STEPS=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
 OUT=${1:-${OUT:-gpu_out}}
 PY=${PYTHON:-python3}
-WORK=${WORK:-$(mktemp -d /tmp/gpu_run.XXXX)}
+WORK=${WORK:-$([ $TINY = 1 ] && mktemp -d /tmp/gpu_run.XXXX || echo /tmp/cifar_ablation_gpu)}
 BUDGET=${GPU_RUN_BUDGET:-540}
 T0=$(date +%s)
 mkdir -p "$OUT/slide_ladder" "$WORK"
@@ -29,6 +43,7 @@ export PYTHONUNBUFFERED=1
 
 log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
 # step NAME SECONDS CMD...: run CMD with at most SECONDS (never past the budget), its output into the log
 step() {
   local name=$1 limit=$2 start rc
@@ -43,9 +58,10 @@ step() {
   return $rc
 }
 
-# --- 1. environment: Hydra and MLflow from the carried wheels where missing; the data ----------------------
+# --- 1. environment: Hydra and MLflow from the carried wheels where missing; the data; MPS ------------------
 if ! $PY -c "import hydra, mlflow" 2>/dev/null; then
-  step wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  [ -d /tmp/site/hydra ] || step wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/site .whl/*.whl || exit 1
 fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -56,9 +72,26 @@ done
 [ -n "$DATA" ] || { log "no data: put cifar10-jpeg.tar.gz in data/ or set DATA"; exit 1; }
 export CIFAR_ABLATION_JPEG=$DATA
 log "python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')"
-log "data: $DATA; store: $WORK/mlflow.db; tiny: $TINY"
+log "data: $DATA; store: $WORK/mlflow.db; steps: $STEPS; tiny: $TINY"
 CACHE=$WORK/cache                    # one decode of the archive, shared by the tests, the bench and the ladder
 export CIFAR_ABLATION_TEST_CACHE=$CACHE
+if [ $TINY = 0 ] && [ "${MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps CUDA_MPS_LOG_DIRECTORY=$WORK/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d 2>>"$LOG" || [ -S "$CUDA_MPS_PIPE_DIRECTORY/control" ]; then
+    if timeout 60 $PY -c "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" >>"$LOG" 2>&1; then
+      log "MPS: on (the runs' kernels share the GPU)"
+      trap 'echo quit | nvidia-cuda-mps-control' EXIT
+    else
+      log "MPS: a CUDA client failed under it; going on without"
+      echo quit | nvidia-cuda-mps-control
+      unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    fi
+  else
+    log "MPS: the daemon did not start; going on without"
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+fi
 if [ $TINY = 1 ]; then
   SIZE=(data.subset=200 data.val_subset=100 'model.widths=[8,16]' model.dense=32 train.batch_size=50
         train.eval_batch_size=100 train.epochs=1 device=cpu jobs_per_device=2)
@@ -67,34 +100,46 @@ if [ $TINY = 1 ]; then
          train.eval_batch_size=100 train.epochs=1 device=cpu)
 else
   SIZE=(jobs_per_device=9)
-  FORMS=()
   BENCH=(--subset 50000 --val-subset 10000 --epochs 3 --batch-size 128 --workers 8 --concurrent 9)
+  FORMS=()
+fi
+STORE=sqlite:///$WORK/mlflow.db
+save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
+
+# --- 2. the ladder, one seed at a time, then its report --------------------------------------------------------
+if wanted ladder; then
+  for seed in 0 1 2; do
+    step "ladder seed $seed" 600 $PY -m cifar_ablation experiment=slide_ladder "hydra.sweeper.params.seed=$seed" \
+      data=imagefolder "data.path=$DATA" hydra/launcher=parallel train.checkpoint=false train.progress_every_s=0 \
+      "${SIZE[@]}" "data.cache_dir=$CACHE" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder \
+      "hydra.sweep.dir=$WORK/multirun/seed$seed"
+    rc=$?
+    save
+    if [ $rc = 124 ] || [ $rc = 137 ]; then log "the budget ended inside seed $seed: no further seeds"; break; fi
+  done
+  BUDGET=$(( BUDGET + 40 ))  # the report runs even when the ladder used the whole budget
+  step report 40 $PY -m cifar_ablation.report --tracking-uri "$STORE" --experiment slide-ladder --sweep all \
+    --out "$OUT/slide_ladder"
+  BUDGET=$(( BUDGET - 40 ))
+  save
 fi
 
-# --- 2. the GPU tests (skipped with their reason on a CPU) ---------------------------------------------------
-step gpu-tests 110 $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py \
-  tests/test_learning.py::test_cuda_path_learns_clearly_above_chance \
-  tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change
+# --- 3. the GPU tests, one at a time (each reports as it ends; skipped with their reason on a CPU) ------------
+if wanted tests; then
+  for t in tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve \
+           tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns \
+           tests/test_gpu.py::test_a_killed_cuda_run_resumes_on_the_graph_path \
+           tests/test_learning.py::test_cuda_path_learns_clearly_above_chance \
+           tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change; do
+    step "test ${t##*::}" 90 $PY -m pytest -q -p no:cacheprovider -rA --tb=short -s "$t"
+  done
+fi
 
-# --- 3. the benchmark at full size ---------------------------------------------------------------------------
-step bench 100 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
-  --override "data.cache_dir=$CACHE"
-
-# --- 4. the ladder, one seed at a time, then its report --------------------------------------------------------
-STORE=sqlite:///$WORK/mlflow.db
-for seed in 0 1 2; do
-  step "ladder seed $seed" 600 $PY -m cifar_ablation experiment=slide_ladder "hydra.sweeper.params.seed=$seed" \
-    data=imagefolder "data.path=$DATA" hydra/launcher=parallel train.checkpoint=false train.progress_every_s=0 \
-    "${SIZE[@]}" "data.cache_dir=$CACHE" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder \
-    "hydra.sweep.dir=$WORK/multirun/seed$seed"
-  rc=$?
-  if [ $rc = 124 ] || [ $rc = 137 ]; then log "the budget ended inside seed $seed: no further seeds"; break; fi
-done
-BUDGET=$(( BUDGET + 40 ))  # the report runs even when the ladder used the whole budget
-step report 40 $PY -m cifar_ablation.report --tracking-uri "$STORE" --experiment slide-ladder --sweep all \
-  --out "$OUT/slide_ladder"
-cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null
-BUDGET=$(( BUDGET - 40 ))  # what is left of the budget proper
+# --- 4. the benchmark at full size ---------------------------------------------------------------------------
+if wanted bench; then
+  step bench 120 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
+    --override "data.cache_dir=$CACHE"
+fi
 
 # --- 5. with what budget is left: the top rung in the forms the recipe departs from (seed 0, side by side) ----
 # the slide's crop-and-resize at capacity x4, and the translate crop at the default capacity x2
@@ -106,12 +151,12 @@ form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
     "data.path=$DATA" "data.cache_dir=$CACHE" "$@" train.checkpoint=false train.progress_every_s=0 \
     "${FORMS[@]}" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder-forms >>"$LOG" 2>&1 &
 }
-if [ "$(left)" -gt 30 ]; then
+if wanted forms && [ "$(left)" -gt 30 ]; then
   log "== forms (at most $(left)s): crop=resize at capacity x4, crop=translate at capacity x2"
   form "$(left)" trick.crop.mode=resize trick.capacity.width_mult=4 trick.capacity.dense_mult=2
   form "$(left)" trick.crop.mode=translate trick.capacity.width_mult=2 trick.capacity.dense_mult=2
   wait
   log "== forms: done"
 fi
-cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null
+save
 log "done in $(( $(date +%s) - T0 ))s"

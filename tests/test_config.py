@@ -192,3 +192,31 @@ def test_unknown_trick_on_the_command_line_lists_the_valid_ones():
             check_trick_overrides(argv)
         assert all(t in str(err.value) for t in ORDER)
     check_trick_overrides(["trick=[noise,batchnorm]", "seed=0,1", "trick.noise.std=0.1"])
+
+
+def test_ablation_params_set_a_trick_only_where_it_is_chosen(make_cfg):
+    """The slide_ladder recipe sets crop and capacity parameters for its whole sweep: the jobs that choose the
+    trick get them, the others stay without the trick; a bad key or value is named before anything trains."""
+    from cifar_ablation.config import apply_trick_params
+
+    recipe = ["+ablation.params.crop.mode=translate", "+ablation.params.capacity.width_mult=4"]
+    cfg = make_cfg("trick=[flip,crop,capacity]", *recipe)
+    apply_trick_params(cfg)
+    validate(cfg)
+    assert cfg.trick.crop.mode == "translate" and cfg.trick.crop.pad == 4
+    assert cfg.trick.capacity.width_mult == 4 and cfg.trick.capacity.dense_mult == 2
+    without = make_cfg("trick=[flip]", *recipe)
+    apply_trick_params(without)
+    assert set(without.trick) == {"flip"}
+    assert semantic_hash(without) == semantic_hash(make_cfg("trick=[flip]"))  # the same run as without the recipe
+
+    ladder = make_cfg("experiment=slide_ladder")
+    assert ladder.ablation.params.crop.mode == "translate" and ladder.ablation.params.capacity.width_mult == 4
+    for bad, key, allowed in ((["+ablation.params.cropp.mode=translate"], "ablation.params", "known tricks"),
+                              (["+ablation.params.crop.size=3"], "ablation.params.crop", "a parameter of crop"),
+                              (["+ablation.params.crop.mode=zoom"], "trick.crop.mode", "resize")):
+        cfg = make_cfg("trick=[crop]", *bad)
+        with pytest.raises(ConfigError) as err:
+            apply_trick_params(cfg)
+            validate(cfg)
+        assert err.value.key == key and allowed in str(err.value), str(err.value)

@@ -29,24 +29,27 @@ def step_losses(cfg, images, steps: int) -> list[float]:
     while len(losses) < steps:
         for x, y in p.train_loader:
             losses.append(p.step(x, y).item())
-            p.sched.step()
+            p.step.schedule()
             if len(losses) == steps:
                 break
     return losses, p.step
 
 
 def test_graph_and_eager_steps_give_the_same_loss_curve(make_cfg, jpeg_cache):
-    """Tolerance: every one of the first 50 losses within 0.05 of the eager one (bf16 autocast and cuDNN's
-    nondeterministic backward make two eager runs differ too; the mean gap is printed to calibrate)."""
+    """The graph path differs from the eager path no more than the eager path differs from itself: bf16
+    autocast and cuDNN's nondeterministic backward make two eager runs of one seed drift apart too. Tolerance
+    on the first 50 step losses: max gap <= max(0.05, 3 x the eager-vs-eager max gap); both gaps are printed."""
     args = [*CUDA, f"data.cache_dir={jpeg_cache}", NO_DROPOUT, "train.epochs=2"]
     images = load_images(make_cfg(*args).data)
     eager, eager_step = step_losses(make_cfg(*args, "train.cuda_graph=false"), images, 50)
+    again, _ = step_losses(make_cfg(*args, "train.cuda_graph=false"), images, 50)
     graph, graph_step = step_losses(make_cfg(*args, "train.cuda_graph=true"), images, 50)
     assert eager_step.kind == "eager" and graph_step.kind == "cuda_graph" and graph_step.graph is not None
+    floor = max(abs(a - b) for a, b in zip(eager, again))
     gaps = [abs(a - b) for a, b in zip(eager, graph)]
-    print(f"graph vs eager, first 50 step losses: max gap {max(gaps):.4f}, mean gap {sum(gaps) / 50:.4f}; "
-          f"loss {eager[0]:.3f} -> {eager[-1]:.3f}")
-    assert max(gaps) < 0.05, gaps
+    print(f"first 50 step losses: graph vs eager max gap {max(gaps):.4f} (mean {sum(gaps) / 50:.4f}); eager vs "
+          f"eager max gap {floor:.4f}; loss {eager[0]:.3f} -> {eager[-1]:.3f}; graph {graph[0]:.3f} -> {graph[-1]:.3f}")
+    assert max(gaps) <= max(0.05, 3 * floor), (gaps, floor)
     assert eager[-1] < eager[0] - 0.1  # and it is a curve: the loss fell
 
 

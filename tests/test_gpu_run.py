@@ -21,8 +21,10 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
                          capture_output=True, text=True, timeout=600)
     log = (out / "run.log").read_text()
     assert res.returncode == 0, log[-4000:] + res.stderr[-2000:]
-    for step in ("gpu-tests", "bench", "ladder seed 0", "ladder seed 1", "ladder seed 2", "report"):
-        assert f"== {step}: exit 0" in log, step
+    for step in ("ladder seed 0", "ladder seed 1", "ladder seed 2", "report", "bench", "forms",
+                 "test test_graph_and_eager_steps_give_the_same_loss_curve",
+                 "test test_cuda_out_of_memory_fails_saying_what_to_change"):
+        assert f"== {step}: exit 0" in log or f"== {step}: done" in log, step
     assert "skipped" in log  # the GPU tests, with their reason, on a CPU
     files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files

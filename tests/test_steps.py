@@ -117,3 +117,21 @@ def test_a_checkpoint_resumes_on_the_other_kind_of_step(make_cfg, saved_graph, r
     saver.opt.step()
     saver.sched.step()
     assert float(p.opt.param_groups[0]["lr"]) == pytest.approx(float(saver.opt.param_groups[0]["lr"]))
+
+
+def test_the_graph_keeps_reading_its_learning_rate_tensor_whatever_the_scheduler_does(make_cfg):
+    """A scheduler that assigns a new learning rate instead of filling the tensor (PyTorch before 2.7 did) would
+    leave a captured graph on a stale rate: GraphStep.schedule() copies the value into the captured tensor and
+    puts that tensor back."""
+    cfg, images = make_cfg(*SMALL), random_images()
+    p = setup(cfg, images, torch.device("cpu"))
+    p.opt, p.sched = make_optimizer(p.model, cfg.optim, 100, graph=True)
+    step = GraphStep(p, strict=True)
+    captured = p.opt.param_groups[0]["lr"]
+
+    class Assigning:  # the old behaviour: a new value in the group, not an in-place fill
+        def step(self):
+            p.opt.param_groups[0]["lr"] = 0.0123
+    p.sched = Assigning()
+    step.schedule()
+    assert p.opt.param_groups[0]["lr"] is captured and captured.item() == pytest.approx(0.0123)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared run on a bare GPU machine (issue #10): the GPU tests, the full-size benchmark, the slide's 27-run
-# ladder (all of seed 0, then seed 1, then seed 2, so a run cut short still leaves whole seeds) and its report,
+# ladder (one sweep, its jobs sent out seed by seed, so a run cut short leaves whole seeds first) and its report,
 # then the two recipe forms side by side. Everything it produces goes under OUT as it comes, at most 8 files
 # (what the device tool returns):
 #   run.log             every step's output and its wall time
@@ -106,17 +106,15 @@ fi
 STORE=sqlite:///$WORK/mlflow.db
 save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
 
-# --- 2. the ladder, one seed at a time, then its report --------------------------------------------------------
+# --- 2. the ladder, seed by seed, then its report --------------------------------------------------------
 if wanted ladder; then
-  for seed in 0 1 2; do
-    step "ladder seed $seed" 600 $PY -m cifar_ablation experiment=slide_ladder "hydra.sweeper.params.seed=$seed" \
-      data=imagefolder "data.path=$DATA" hydra/launcher=parallel train.checkpoint=false train.progress_every_s=0 \
-      "${SIZE[@]}" "data.cache_dir=$CACHE" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder \
-      "hydra.sweep.dir=$WORK/multirun/seed$seed"
-    rc=$?
-    save
-    if [ $rc = 124 ] || [ $rc = 137 ]; then log "the budget ended inside seed $seed: no further seeds"; break; fi
-  done
+  # one sweep of 27 jobs, seed 0's nine first (conf/experiment/slide_ladder.yaml); per-epoch checkpoints, so a
+  # job the budget cuts resumes from its last epoch in the next call
+  step ladder 600 $PY -m cifar_ablation experiment=slide_ladder data=imagefolder "data.path=$DATA" \
+    hydra/launcher=parallel train.progress_every_s=0 "${SIZE[@]}" "data.cache_dir=$CACHE" \
+    "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder "hydra.sweep.dir=$WORK/multirun/ladder"
+  [ $? = 124 ] && log "the budget ended inside the ladder: the next call's ladder step goes on from here"
+  save
   BUDGET=$(( BUDGET + 40 ))  # the report runs even when the ladder used the whole budget
   step report 40 $PY -m cifar_ablation.report --tracking-uri "$STORE" --experiment slide-ladder --sweep all \
     --out "$OUT/slide_ladder"

@@ -50,8 +50,8 @@ gpu-prep:  ## before a GPU run: MLflow/Hydra wheels into .whl/, the JPEG mirror 
 	mkdir -p data && cp $(MIRROR) data/cifar10-jpeg.tar.gz
 	du -shc .whl data/cifar10-jpeg.tar.gz
 
-gpu-run:  ## the prepared GPU run of issue #10 (GPU tests, bench, ladder) into OUT=gpu_out; TINY=--tiny on a CPU
-	bash experiments/gpu_run.sh $(TINY) $(or $(OUT),gpu_out)
+gpu-run:  ## the prepared GPU run of issue #10 into OUT=gpu_out; STEPS=ladder,tests,bench,forms; TINY=--tiny on a CPU
+	bash experiments/gpu_run.sh $(TINY) $(if $(STEPS),--steps $(STEPS)) $(or $(OUT),gpu_out)
 
 bench: install  ## textbook DataLoader loop vs the trainer, then K concurrent runs (CPU-sized; see --help)
 	$(BIN)/python -m cifar_ablation.bench --data $(DATA)

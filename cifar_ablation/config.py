@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .checks import ConfigError, boolean, check_tracking_uri, interval, non_empty, number, one_of, optional, require
 from .designs import DESIGNS, SINGLE
-from .factorial import MAX_FRACTION, MAX_FULL, RESOLUTIONS, plan
+from .factorial import RESOLUTIONS, check_factorial
 from .steps import graph_blocker
 from .tricks import TRICKS
 
@@ -106,21 +106,8 @@ def validate_tricks(cfg: DictConfig) -> None:
 def validate_factorial(cfg: DictConfig) -> None:
     """ablation.fraction: a resolution, or null for the full factorial, whose size stays within reach."""
     require(cfg, "ablation.fraction", optional(one_of(*RESOLUTIONS)))
-    if cfg.ablation.design != "factorial":
-        return
-    order, fraction = list(cfg.ablation.order), cfg.ablation.fraction
-    if fraction is None and len(order) > MAX_FULL:
-        raise ConfigError("ablation.order", order, f"at most {MAX_FULL} tricks for the full factorial (2**k "
-                          "configurations per seed), e.g. 'ablation.order=[batchnorm,dropout,flip]'; or a "
-                          "fraction: ablation.fraction=4")
-    if fraction is not None:
-        if len(order) > MAX_FRACTION:
-            raise ConfigError("ablation.order", order, f"at most {MAX_FRACTION} tricks for a fraction")
-        try:
-            plan(order, fraction)
-        except ValueError as e:
-            raise ConfigError("ablation.fraction", fraction, f"a resolution that {len(order)} tricks allow as a "
-                              f"regular fraction (pyDOE3: {e}); or null for the full factorial") from e
+    if cfg.ablation.design == "factorial":
+        check_factorial(list(cfg.ablation.order), cfg.ablation.fraction)
 
 
 def validate_data(cfg: DictConfig) -> None:

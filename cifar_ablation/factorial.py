@@ -15,10 +15,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import ConfigError
+
 MAX_FULL = 6        # tricks in a full factorial: 2**6 = 64 configurations per seed
 MAX_FRACTION = 16   # tricks in a fraction (pyDOE3 names factors by letter; 16 stays far below its limits)
 RESOLUTIONS = (3, 4, 5)
 ROMAN = {3: "III", 4: "IV", 5: "V"}
+
+
+def check_factorial(order: list[str], fraction: int | None) -> None:
+    """A factorial within reach: at most MAX_FULL tricks in full, MAX_FRACTION in a fraction that pyDOE3 can
+    build. Checked by config.validate and by the sweep's resolver, so Hydra does not compose 2**k jobs first."""
+    if fraction is None and len(order) > MAX_FULL:
+        raise ConfigError("ablation.order", order, f"at most {MAX_FULL} tricks for the full factorial (2**k "
+                          "configurations per seed), e.g. 'ablation.order=[batchnorm,dropout,flip]'; or a "
+                          "fraction: ablation.fraction=4")
+    if fraction is not None:
+        if len(order) > MAX_FRACTION:
+            raise ConfigError("ablation.order", order, f"at most {MAX_FRACTION} tricks for a fraction")
+        try:
+            plan(order, fraction)
+        except ValueError as e:
+            raise ConfigError("ablation.fraction", fraction, f"a resolution that {len(order)} tricks allow as a "
+                              f"regular fraction (pyDOE3: {e}); or null for the full factorial") from e
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from .checks import UserError
 from .config import validate
-from .factorial import plan
+from .factorial import check_factorial, plan
 from .progress import Progress, count_jobs
 from .tracking import PARENT_ENV, ROLE, SWEEP, open_experiment, process_alive, sweep_jobs
 
@@ -58,6 +58,11 @@ class SweepTracking(Callback):
             open_experiment(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.ablation.design == "factorial":  # before Hydra's sweeper composes every one of its 2**k jobs
+            try:
+                check_factorial(list(config.ablation.order), config.ablation.fraction)
+            except UserError as e:
+                raise SystemExit(f"error: {e}") from None  # a callback's Exception would only be a warning
         if not valid(config):  # no store, no parent run: the first job reports the error
             return
         self.client, exp_id = open_experiment(config)

@@ -244,11 +244,15 @@ def _mariadb(root: Path, fill: dict) -> Callable[[], None]:
     run("mariadb-install-db", "--user=mysql", f"--datadir={data}", "--auth-root-authentication-method=normal",
         "--skip-test-db")
     sock = run_dir / "mysql.sock"
-    subprocess.Popen(["mariadbd", "--user=mysql", f"--datadir={data}", f"--socket={sock}",
-                      "--bind-address=127.0.0.1", f"--port={fill['db_port']}", f"--pid-file={run_dir / 'pid'}",
-                      f"--log-error={run_dir / 'err'}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True)
-    stop = lambda: kill_pidfile(run_dir / "pid")  # noqa: E731
+    proc = subprocess.Popen(["mariadbd", "--user=mysql", f"--datadir={data}", f"--socket={sock}",
+                             "--bind-address=127.0.0.1", f"--port={fill['db_port']}", f"--pid-file={run_dir / 'pid'}",
+                             f"--log-error={run_dir / 'err'}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def stop() -> None:  # our own child: wait() reaps it (a zombie would look alive to a pid poll)
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
     wait_for(sock.exists, "MariaDB", 60, run_dir / "err")
     pw = fill["db_password"]
     run("mariadb", f"--socket={sock}", "-uroot", "-e",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import queue as queue_module
 import time
 from pathlib import Path
@@ -208,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| ratio trainer / textbook | {ratio:.2f}x |")
     if ours.get("compile_seconds"):
         print(f"| compile time (not in the rate) | {ours['compile_seconds']:.1f} s |")
-    result = {"device": where, "torch": torch.__version__, "args": vars(args), "textbook_images_per_second": base,
+    result = {"device": where, "torch": torch.__version__, "args": vars(args),
+              "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),  # experiments/gpu_run.sh starts MPS
+              "textbook_images_per_second": base,
               "trainer": ours, "ratio": ratio}
     if args.json:  # now, and again with the concurrent runs: a run cut short keeps the comparison
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))

@@ -10,11 +10,11 @@
 #
 #   experiments/gpu_run.sh [--tiny] [--steps tests,bench,ladder,forms] [OUT]   (make gpu-run; OUT: $OUT, gpu_out)
 #
-# --steps picks steps (default: all four, in that order). One H100 call of 600 s cannot hold them all (first
-# H100 run, experiments/slide_ladder/NOTES.md: one seed of the ladder took 270 s), so a session does two calls on
-# the same warm machine: `--steps ladder` then `--steps ladder,tests,bench,forms`. WORK (default
-# /tmp/cifar_ablation_gpu) keeps the store and the decoded data between the calls: the second call's ladder skips
-# the FINISHED jobs and reruns only what the first left unfinished.
+# --steps picks steps (default: all four, in that order). One H100 call of 600 s may not hold them all (first
+# H100 run, experiments/slide_ladder/NOTES.md: one seed of the ladder took 270 s), so a session calls it twice on
+# the same warm machine, the second call at once with the budget left: WORK (default /tmp/cifar_ablation_gpu)
+# keeps the store, the decoded data and which steps ended well, so the second call goes on where the first
+# stopped (the ladder's FINISHED jobs are skipped and a cut job resumes from its last epoch's checkpoint).
 # On CUDA the runs share the GPU through MPS (nvidia-cuda-mps-control) where it starts (MPS=0: never): without it
 # the processes of a parallel sweep take turns on the GPU instead of running their kernels side by side.
 # The GPU machine has python3 with torch but no Hydra or MLflow, no network, and no ../shared: carry the wheels
@@ -44,10 +44,12 @@ export PYTHONUNBUFFERED=1
 log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
-# step NAME SECONDS CMD...: run CMD with at most SECONDS (never past the budget), its output into the log
+# step NAME SECONDS CMD...: run CMD with at most SECONDS (never past the budget), its output into the log. A step
+# that exited 0 is marked in WORK/done: a later call on the same machine skips it (the report always runs).
 step() {
-  local name=$1 limit=$2 start rc
+  local name=$1 limit=$2 start rc mark="$WORK/done/${1// /_}"
   shift 2
+  if [ -e "$mark" ]; then log "== $name: done in an earlier call"; return 0; fi
   [ "$limit" -gt "$(left)" ] && limit=$(left)
   if [ "$limit" -le 5 ]; then log "== $name: skipped, the budget is spent"; return 1; fi
   log "== $name (at most ${limit}s): $*"
@@ -55,6 +57,7 @@ step() {
   timeout --signal=TERM --kill-after=15 "$limit" "$@" >>"$LOG" 2>&1
   rc=$?
   log "== $name: exit $rc after $(( $(date +%s) - start ))s"
+  [ $rc = 0 ] && [ "$name" != report ] && mkdir -p "$WORK/done" && touch "$mark"
   return $rc
 }
 

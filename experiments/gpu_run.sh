@@ -127,12 +127,13 @@ fi
 
 # --- 3. the GPU tests, one at a time (each reports as it ends; skipped with their reason on a CPU) ------------
 if wanted tests; then
-  for t in tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve \
-           tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns \
-           tests/test_gpu.py::test_a_killed_cuda_run_resumes_on_the_graph_path \
-           tests/test_learning.py::test_cuda_path_learns_clearly_above_chance \
-           tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change; do
-    step "test ${t##*::}" 90 $PY -m pytest -q -p no:cacheprovider -rA --tb=short -s "$t"
+  for t in "tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve 60" \
+           "tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns 60" \
+           "tests/test_gpu.py::test_a_killed_cuda_run_resumes_on_the_graph_path 120" \
+           "tests/test_learning.py::test_cuda_path_learns_clearly_above_chance 60" \
+           "tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change 60"; do
+    set -- $t
+    step "test ${1##*::}" "$2" $PY -m pytest -q -p no:cacheprovider -rA --tb=short -s "$1"
   done
 fi
 

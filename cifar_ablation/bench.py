@@ -142,11 +142,11 @@ def _one_run(args: argparse.Namespace, slot: int, queue) -> None:
     queue.put(("done", slot, {**r, "start": start, "end": time.time(), "images": trained}))
 
 
-def concurrent(args: argparse.Namespace) -> dict:
-    """K trainer runs as separate processes; aggregate = all images trained / the wall time they shared."""
+def concurrent(args: argparse.Namespace, run=_one_run) -> dict:
+    """K trainer runs (`run`) as separate processes; aggregate = all images trained / the wall time they shared."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_one_run, args=(args, k, queue)) for k in range(args.concurrent)]
+    procs = [ctx.Process(target=run, args=(args, k, queue)) for k in range(args.concurrent)]
     for p in procs:
         p.start()
     results = {}

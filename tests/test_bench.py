@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cifar_ablation import tricks
-from cifar_ablation.bench import main
+from cifar_ablation.bench import concurrent, main
 
 
 def test_bench_prints_both_loops_the_ratio_and_the_aggregate(imagefolder, capsys):
@@ -18,6 +18,18 @@ def test_bench_prints_both_loops_the_ratio_and_the_aggregate(imagefolder, capsys
     assert result["textbook_images_per_second"] > 0 and result["trainer"]["images_per_second"] > 0
     assert result["ratio"] == pytest.approx(result["trainer"]["images_per_second"] / result["textbook_images_per_second"])
     assert result["concurrent"]["runs"] == 2 and result["concurrent"]["aggregate_images_per_second"] > 0
+
+
+def _dies(args, slot, queue):  # a concurrent run that fails before it reports (as on the first H100 run)
+    raise SystemExit(3)
+
+
+def test_a_concurrent_run_that_dies_stops_the_bench_naming_it():
+    """Not a wait without end: the first H100 run's bench waited on runs that had died until its budget ended."""
+    import argparse
+
+    with pytest.raises(RuntimeError, match=r"concurrent run\(s\) \[[01].*\] died \(exit code 3\)"):
+        concurrent(argparse.Namespace(concurrent=2), run=_dies)
 
 
 def test_device_crop_matches_torchvisions_random_resized_crop(make_cfg):

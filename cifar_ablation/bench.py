@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| compile time (not in the rate) | {ours['compile_seconds']:.1f} s |")
     result = {"device": where, "torch": torch.__version__, "args": vars(args),
               "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),  # experiments/gpu_run.sh starts MPS
-              "textbook_images_per_second": base,
-              "trainer": ours, "ratio": ratio}
+              "textbook_images_per_second": base, "trainer": ours, "ratio": ratio}
     if args.json:  # now, and again with the concurrent runs: a run cut short keeps the comparison
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     if args.concurrent > 0:

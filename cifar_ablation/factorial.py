@@ -25,7 +25,7 @@ ROMAN = {3: "III", 4: "IV", 5: "V"}
 
 def check_factorial(order: list[str], fraction: int | None) -> None:
     """A factorial within reach: at most MAX_FULL tricks in full, MAX_FRACTION in a fraction that pyDOE3 can
-    build. Checked by config.validate and by the sweep's resolver, so Hydra does not compose 2**k jobs first."""
+    build. Checked by config.validate and by the sweep's callback, so Hydra does not compose 2**k jobs first."""
     if fraction is None and len(order) > MAX_FULL:
         raise ConfigError("ablation.order", order, f"at most {MAX_FULL} tricks for the full factorial (2**k "
                           "configurations per seed), e.g. 'ablation.order=[batchnorm,dropout,flip]'; or a "

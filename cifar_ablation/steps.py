@@ -2,8 +2,8 @@
 replayed (one launch for forward, loss with the L1/L2 term, backward and the optimizer step).
 
 train_epoch() calls whichever train.setup() chose, then its schedule() (outside the graph: the learning rate is
-a tensor the graph reads, filled in place by the scheduler, and put back should a scheduler replace it). Both kinds accumulate the epoch's loss
-and correct count on the device, so an epoch talks to the host once. Augmentation stays outside the graph:
+a tensor the graph reads, filled in place by the scheduler, and put back should a scheduler replace it). Both
+kinds accumulate the epoch's loss and correct count on the device, so an epoch talks to the host once. Augmentation stays outside the graph:
 the loader's batch is copied into the graph's static input buffers.
 
 The graph follows PyTorch's whole-network capture recipe: the first WARMUP steps run eagerly on a side stream
@@ -100,8 +100,8 @@ class GraphStep(EagerStep):
         return self.loss
 
     def schedule(self) -> None:
-        """The schedule's step; then each group's learning rate is the very tensor the graph reads. PyTorch's
-        schedulers fill a tensor learning rate in place (torch >= 2.7); one that assigns a new value instead
+        """The schedule's step; then each group's learning rate is the very tensor the graph reads. The torch
+        versions tested here fill a tensor learning rate in place; a scheduler that assigns a new value instead
         would leave the graph on a stale rate: its value is copied into the captured tensor and that is put back."""
         super().schedule()
         for group, lr in zip(self.p.opt.param_groups, self.lrs):

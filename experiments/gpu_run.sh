@@ -95,16 +95,15 @@ if [ $TINY = 0 ] && [ "${MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control >/
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   fi
 fi
-if [ $TINY = 1 ]; then
-  SIZE=(data.subset=200 data.val_subset=100 'model.widths=[8,16]' model.dense=32 train.batch_size=50
-        train.eval_batch_size=100 train.epochs=1 device=cpu jobs_per_device=2)
+if [ $TINY = 1 ]; then  # RUN: the sizes of one run; SIZE: those of the ladder's sweep
+  RUN=(data.subset=200 data.val_subset=100 'model.widths=[8,16]' model.dense=32 train.batch_size=50
+       train.eval_batch_size=100 train.epochs=1 device=cpu)
+  SIZE=("${RUN[@]}" jobs_per_device=2)
   BENCH=(--subset 200 --val-subset 100 --epochs 1 --batch-size 50 --workers 0 --concurrent 2 --device cpu)
-  FORMS=(data.subset=200 data.val_subset=100 'model.widths=[8,16]' model.dense=32 train.batch_size=50
-         train.eval_batch_size=100 train.epochs=1 device=cpu)
 else
+  RUN=()
   SIZE=(jobs_per_device=9)
   BENCH=(--subset 50000 --val-subset 10000 --epochs 3 --batch-size 128 --workers 8 --concurrent 9)
-  FORMS=()
 fi
 STORE=sqlite:///$WORK/mlflow.db
 save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
@@ -151,7 +150,7 @@ form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
   shift
   timeout --signal=TERM --kill-after=15 "$limit" $PY -m cifar_ablation "$ALL" seed=0 data=imagefolder \
     "data.path=$DATA" "data.cache_dir=$CACHE" "$@" train.checkpoint=false train.progress_every_s=0 \
-    "${FORMS[@]}" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder-forms >>"$LOG" 2>&1 &
+    "${RUN[@]}" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder-forms >>"$LOG" 2>&1 &
 }
 if wanted forms && [ "$(left)" -gt 30 ]; then
   log "== forms (at most $(left)s): crop=resize at capacity x4, crop=translate at capacity x2"

@@ -120,7 +120,7 @@ def test_a_checkpoint_resumes_on_the_other_kind_of_step(make_cfg, saved_graph, r
 
 
 def test_the_graph_keeps_reading_its_learning_rate_tensor_whatever_the_scheduler_does(make_cfg):
-    """A scheduler that assigns a new learning rate instead of filling the tensor (PyTorch before 2.7 did) would
+    """A scheduler that assigns a new learning rate instead of filling the tensor (a custom scheduler, or a torch version that assigns) would
     leave a captured graph on a stale rate: GraphStep.schedule() copies the value into the captured tensor and
     puts that tensor back."""
     cfg, images = make_cfg(*SMALL), random_images()

@@ -1,66 +1,19 @@
-"""python -m cifar_ablation [-m] [overrides]: one Hydra job = one training run = one MLflow run."""
+"""python -m cifar_ablation [-m] [overrides]: one Hydra job = one training run = one MLflow run (job.py)."""
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .checks import UserError, check_command_line
-from .designs import ordered_tricks
-
-log = logging.getLogger("cifar_ablation")
-TRACEBACK_ENV = "CIFAR_ABLATION_TRACEBACK"  # =1: a UserError shows its traceback too
+from .job import run_job, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """A bad config or unreadable data ends the program with one `error:` line: SystemExit passes through
-    Hydra, which would print its banner and a traceback around any other exception (FAILED runs keep theirs)."""
-    try:
+    with user_errors():
         return run_job(cfg)
-    except UserError as e:
-        if os.environ.get(TRACEBACK_ENV) == "1":
-            raise
-        raise SystemExit(f"error: {e}") from None
-
-
-def run_job(cfg: DictConfig) -> float | None:
-    # torch and MLflow are imported here, not above: cli() refuses an unknown trick before paying for them
-    import torch
-
-    from .config import apply_trick_params, validate
-    from .data import load_images
-    from .jobrun import SKIP, claim, job_run, join_sweep
-    from .tracking import open_experiment
-    from .train import pick_device, train
-
-    apply_trick_params(cfg)  # ablation.params into the chosen tricks
-    validate(cfg)  # bad values fail here, before any data is read or run opened
-    tricks = ordered_tricks(cfg.trick, cfg.ablation.order)
-    client, exp_id = open_experiment(cfg)  # made by the launcher's callback already: a lookup here
-    c = claim(cfg, client, exp_id)  # skip, resume or create; a live twin raises AlreadyRunning
-    if c.action == SKIP:
-        log.info("skipping %s seed %s: FINISHED run %s already holds this config (force=true re-runs it)",
-                 tricks or "baseline", cfg.seed, c.run.info.run_id)
-        join_sweep(client, c.run.info.run_id, moved=False)  # the sweep's report still shows it
-        return c.run.data.metrics.get("val_acc")
-    with job_run(cfg, tricks, client, exp_id, c) as run:
-        images = load_images(cfg.data)
-        job_num = OmegaConf.select(HydraConfig.get(), "job.num", default=0)  # unset outside a multirun
-        device = pick_device(cfg.device, job_num or 0)
-        run.set_tags({"data_source": images.source, "data_checksum": images.checksum, "device": device,
-                      "train_images": len(images.train_y), "val_images": len(images.test_y)})
-        try:
-            metrics = train(cfg, images, run.end_epoch, run.start_state(), device)
-        except torch.cuda.OutOfMemoryError as e:
-            raise MemoryError(f"CUDA out of memory on {device}: lower train.batch_size (now {cfg.train.batch_size}) "
-                              f"or train.eval_batch_size (now {cfg.train.eval_batch_size}), run fewer jobs per GPU "
-                              "(hydra.launcher.n_jobs), or keep train.amp=true. " + str(e).split("\n")[0]) from e
-    return metrics["val_acc"]
 
 
 def cli() -> None:

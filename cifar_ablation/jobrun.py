@@ -192,7 +192,7 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
         run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} seed={cfg.seed}", tags=tags).info.run_id
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not the main thread: leave signals to the host
         previous = None
     status = "FAILED"
@@ -215,6 +215,6 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
             signal.signal(signal.SIGTERM, previous)
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
+def raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(f"signal {signum}")
 

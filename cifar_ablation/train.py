@@ -4,6 +4,10 @@ train() is a short driver: setup() builds the model the tricks describe and puts
 restore() resumes from a checkpoint_state(), then each epoch is train_epoch() (batch tricks applied to
 training batches only, the loss trick added to the loss) and evaluate(), and its metrics go to `on_epoch`
 (the MLflow run, in practice: jobrun.JobRun.end_epoch). It knows nothing of Hydra or MLflow.
+
+The loop is written as a generator, training(), that yields after setup and after each training step: train()
+runs it straight through, and the streams launcher (streams.py) interleaves several runs' generators in one
+process, each on its own CUDA stream.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 import torch
 import torch.nn.functional as F
@@ -137,9 +141,13 @@ def restore(p: Parts, state: dict) -> int:
     return state["epoch"] + 1
 
 
-def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> tuple[float, float, float | None]:
+Steps = Generator[torch.device, None, Any]  # yields the run's device after each step; returns its result
+
+
+def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> Steps:
     """One pass over the training batches (batch tricks inside the loader), one p.step and one schedule step
-    per batch. Returns mean loss, accuracy, and (with time_first_step) the seconds of the first step."""
+    per batch, yielding after each. Returns mean loss, accuracy, and (with time_first_step) the seconds of the
+    first step."""
     cfg, loader = p.cfg, p.train_loader
     t0 = last_print = time.perf_counter()
     first_step = None
@@ -157,6 +165,7 @@ def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> tuple[fl
             left = (last_print - t0) / (i + 1) * (len(loader) - i - 1)
             log.info("epoch %d/%d  step %d/%d  loss %.3f  epoch ETA %s", epoch, cfg.train.epochs, i + 1,
                      len(loader), loss.item(), eta(left))
+        yield p.device
     seen = len(loader) * loader.batch_size
     return p.step.loss_sum.item() / seen, p.step.correct.item() / seen, first_step
 
@@ -199,6 +208,22 @@ def train(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics, s
     """Train and evaluate; after each epoch call on_epoch(epoch, metrics, state_fn), where state_fn()
     returns a checkpoint that `state=` resumes from. Returns the last epoch's metrics. With train.compile the
     first epoch's metrics also hold compile_seconds (the first step), which its images/s leaves out."""
+    return run_through(training(cfg, images, on_epoch, state, device))
+
+
+def run_through(steps: Generator[Any, None, Any]) -> Any:
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def training(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics, state: None,
+             state: dict | None = None, device: torch.device | None = None) -> Steps:
+    """train(), one step at a time: yields the run's device once set up (and restored), then after every
+    training step; returns the last epoch's metrics."""
     p = setup(cfg, images, device or pick_device(cfg.device))
     epochs, seen = cfg.train.epochs, len(p.train_loader) * p.train_loader.batch_size
     log.info("model: %s parameters, %d train / %d val images, %d steps per epoch on %s",
@@ -206,11 +231,12 @@ def train(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics, s
              p.device)
     first = restore(p, state) if state is not None else 1
     metrics: dict[str, float] = dict(state["metrics"]) if state is not None else {}
+    yield p.device
     started = time.perf_counter()
     for epoch in range(first, epochs + 1):
         t0 = time.perf_counter()
         timed = cfg.train.compile and epoch == first  # the first step compiles: timed apart
-        train_loss, train_acc, compile_seconds = train_epoch(p, epoch, time_first_step=timed)
+        train_loss, train_acc, compile_seconds = yield from train_epoch(p, epoch, time_first_step=timed)
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"train loss is {train_loss} at epoch {epoch}: lower optim.lr "
                                 f"(now {cfg.optim.lr}) or the l1l2 strengths, or turn on batchnorm")

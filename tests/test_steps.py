@@ -11,7 +11,7 @@ from cifar_ablation.checks import ConfigError
 from cifar_ablation.config import validate
 from cifar_ablation.data import Images
 from cifar_ablation.steps import EagerStep, GraphStep, graph_blocker
-from cifar_ablation.train import make_optimizer, setup, train_epoch
+from cifar_ablation.train import make_optimizer, run_through, setup, train_epoch
 
 SMALL = ["model.widths=[8,16]", "model.dense=32", "train.batch_size=32", "train.epochs=2", "device=cpu",
          "trick=[batchnorm,dropout,l1l2,flip,noise]"]
@@ -56,11 +56,11 @@ def test_a_failed_capture_falls_back_to_eager_losing_nothing(make_cfg, caplog):
     gives exactly the numbers of a run that was eager from the start."""
     cfg, images = make_cfg(*SMALL), random_images()
     eager = setup(cfg, images, torch.device("cpu"))  # setup() seeds: one run after the other, not interleaved
-    reference = [train_epoch(eager, e) for e in (1, 2)]
+    reference = [run_through(train_epoch(eager, e)) for e in (1, 2)]
     graph = setup(cfg, images, torch.device("cpu"))
     graph.step = GraphStep(graph, strict=False)
     with caplog.at_level(logging.WARNING):
-        assert [train_epoch(graph, e) for e in (1, 2)] == reference
+        assert [run_through(train_epoch(graph, e)) for e in (1, 2)] == reference
     assert graph.step.fallback and graph.step.kind == "eager"
     assert "CUDA graph capture failed, training eagerly" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(eager.model.state_dict().values(), graph.model.state_dict().values()))
@@ -68,7 +68,7 @@ def test_a_failed_capture_falls_back_to_eager_losing_nothing(make_cfg, caplog):
     strict = setup(cfg, images, torch.device("cpu"))
     strict.step = GraphStep(strict, strict=True)
     with pytest.raises(Exception):
-        train_epoch(strict, 1)
+        run_through(train_epoch(strict, 1))
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])

@@ -1,0 +1,88 @@
+"""hydra/launcher=streams: a sweep's runs trained side by side in one process (on CPU: interleaved step by step,
+the same code that puts each on its own CUDA stream). Each run must give exactly what it gives alone, fail alone,
+and be interrupted and resumed like any other run. Real CLI, real signals, real sqlite store."""
+from __future__ import annotations
+
+import signal
+
+from cifar_ablation.tracking import JOB, ROLE, SWEEP
+
+from .conftest import run_cli, runs_in
+from .test_faults import SLOW, slow_data, start, wait_for  # noqa: F401  (slow_data: a fixture)
+
+# Every source of randomness a run has: dropout and noise (the global generator, shared by the process: each
+# member keeps its own state), flip and crop (the run's own generator), batchnorm statistics.
+TRICKS = "trick=[noise,dropout],[batchnorm,dropout,flip,crop]"
+KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def curves(client, run) -> dict[str, list[tuple[int, float]]]:
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)) for k in KEYS}
+
+
+def jobs_by(runs, key: str) -> dict[str, object]:
+    return {r.data.tags[key]: r for r in runs if r.data.tags[ROLE] == JOB}
+
+
+def test_runs_side_by_side_give_what_they_give_alone_and_fail_alone(tmp_path, slow_data):
+    db = tmp_path / "m.db"
+    common = [*SLOW, *slow_data, "train.epochs=3", f"mlflow.tracking_uri=sqlite:///{db}"]
+    res = run_cli(["-m", TRICKS, "optim.lr=0.001,1e30", "hydra/launcher=streams", "jobs_per_device=4", *common,
+                   "mlflow.experiment=together", "hydra.sweep.dir=together"], tmp_path)
+    assert res.returncode != 0, res.stderr[-3000:]  # two jobs diverge: the sweep says so, after every job ran
+    assert "Launching 4 jobs in this process, 4 at a time" in res.stdout + res.stderr
+    client, runs = runs_in(db, "together")
+    states = {(r.data.tags["tricks"], r.data.params["optim.lr"]): r.info.status
+              for r in runs if r.data.tags[ROLE] == JOB}
+    assert states == {("noise,dropout", "0.001"): "FINISHED", ("batchnorm,dropout,flip,crop", "0.001"): "FINISHED",
+                      ("noise,dropout", "1e+30"): "FAILED", ("batchnorm,dropout,flip,crop", "1e+30"): "FAILED"}
+    failed = [r for r in runs if r.info.status == "FAILED" and r.data.tags[ROLE] == JOB]
+    assert all(r.data.tags["failure_reason"].startswith("NonFiniteLoss") for r in failed)
+    (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    assert sweep.info.status == "FAILED" and "FINISHED: 2" in sweep.data.tags["job_states"]
+
+    alone = run_cli(["-m", TRICKS, *common, "mlflow.experiment=alone"], tmp_path)  # Hydra's basic launcher
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    client, reference = runs_in(db, "alone")
+    together = {r.data.tags["tricks"]: r for r in runs
+                if r.data.tags[ROLE] == JOB and r.data.params["optim.lr"] == "0.001"}
+    for tricks, ref in jobs_by(reference, "tricks").items():
+        assert curves(client, together[tricks]) == curves(client, ref), tricks  # exact, every epoch
+
+    for num in range(4):  # each job's own log file holds its own lines, tagged with its number
+        epochs = [line for line in (tmp_path / "together" / str(num) / "__main__.log").read_text().splitlines()
+                  if "] - #" in line and " epoch " in line]
+        assert all(f"] - #{num} epoch " in line for line in epochs), epochs
+        assert len(epochs) == (3 if num in (0, 2) else 0), epochs  # jobs 1 and 3: lr 1e30, NaN in epoch 1
+
+
+def test_ctrl_c_kills_every_run_of_the_gang_and_the_relaunch_resumes_them_exactly(tmp_path, slow_data):
+    db = tmp_path / "m.db"
+    args = ["-m", TRICKS, "hydra/launcher=streams", "jobs_per_device=2", *SLOW, *slow_data,
+            f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=gang"]
+    proc = start(args, tmp_path)
+    wait_for(proc, "epoch 2/4")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    client, runs = runs_in(db, "gang")
+    jobs = jobs_by(runs, "tricks")
+    assert {t: r.info.status for t, r in jobs.items()} == {"noise,dropout": "KILLED",
+                                                           "batchnorm,dropout,flip,crop": "KILLED"}
+    assert all("KeyboardInterrupt" in r.data.tags["failure_reason"] for r in jobs.values())
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+    again = run_cli(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for r in jobs.values():
+        assert f"resuming interrupted run {r.info.run_id}" in again.stdout + again.stderr
+    client, runs = runs_in(db, "gang")
+    resumed = jobs_by(runs, "tricks")
+    assert {t: (r.info.run_id, r.info.status) for t, r in resumed.items()} == \
+        {t: (r.info.run_id, "FINISHED") for t, r in jobs.items()}
+
+    alone = run_cli(["-m", TRICKS, *SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}",
+                     "mlflow.experiment=alone"], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    client, reference = runs_in(db, "alone")
+    for tricks, ref in jobs_by(reference, "tricks").items():
+        assert curves(client, resumed[tricks]) == curves(client, ref), tricks

@@ -4,7 +4,9 @@
                   is refused (a live process is training it), resumes an interrupted run, or creates a new one;
     job_run()     opens or reopens that run and closes it FINISHED, FAILED (reason + traceback) or KILLED;
     JobRun        is what training talks to: the state to start from, and the end of each epoch (checkpoint
-                  first, then metrics, so a kill between the two still logs every epoch exactly once).
+                  first, then metrics, so a kill between the two still logs every epoch exactly once). Both are
+                  written by one background thread from a CPU copy of the state, so that training (and the other
+                  runs of a streams launcher) go on meanwhile; a run is closed only once its writes are in.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +86,7 @@ class JobRun:
 
     def __init__(self, client: MlflowClient, run_id: str, resumed: bool = False, checkpoint: bool = True):
         self.client, self.run_id, self.resumed, self.checkpoint = client, run_id, resumed, checkpoint
+        self.pending: Future | None = None  # the last epoch's writes, on WRITER
 
     def start_state(self) -> dict | None:
         """The checkpoint to resume from (None: start afresh). The kill may have come between a checkpoint
@@ -95,10 +99,23 @@ class JobRun:
         return state
 
     def end_epoch(self, epoch: int, metrics: dict[str, float], state_fn: Callable[[], dict]) -> None:
-        """train()'s on_epoch: the checkpoint first, then the metrics."""
-        if self.checkpoint:
-            self.save_checkpoint({**state_fn(), "metrics": metrics})
+        """train()'s on_epoch: the checkpoint first, then the metrics, written in the background from a copy
+        taken now. One epoch's writes at most are pending: the previous ones are waited for (and their error
+        raised) first."""
+        state = to_cpu({**state_fn(), "metrics": metrics}) if self.checkpoint else None
+        self.flush()
+        self.pending = WRITER.submit(self._write, epoch, dict(metrics), state)
+
+    def _write(self, epoch: int, metrics: dict[str, float], state: dict | None) -> None:
+        if state is not None:
+            self.save_checkpoint(state)
         self.log_metrics(metrics, epoch)
+
+    def flush(self) -> None:
+        """Wait for the pending writes; raise their error, if any."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
     def save_checkpoint(self, state: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -129,6 +146,21 @@ class JobRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+WRITER = ThreadPoolExecutor(1, thread_name_prefix="mlflow-writer")  # one per process: writes in order
+
+
+def to_cpu(obj: Any) -> Any:
+    """A copy of a checkpoint state that training can no longer change: every tensor copied to the CPU, every
+    dict, list and tuple rebuilt (other values are immutable, or replaced rather than changed by training)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def git_commit() -> str:
@@ -195,11 +227,12 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
         signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not the main thread: leave signals to the host
         previous = None
-    status = "FAILED"
+    status, run = "FAILED", JobRun(client, run_id, resumed=old is not None, checkpoint=cfg.train.checkpoint)
     try:
         _bookkeeping(cfg, client, run_id, old)
         log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
-        yield JobRun(client, run_id, resumed=old is not None, checkpoint=cfg.train.checkpoint)
+        yield run
+        run.flush()  # the last checkpoint and metrics are in the store before the run says FINISHED
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated) as e:
         status = "KILLED"
@@ -210,6 +243,11 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
         client.log_text(run_id, traceback.format_exc(), "traceback.txt")
         raise
     finally:
+        if status != "FINISHED":  # the last finished epoch's checkpoint still lands: a relaunch resumes from it
+            try:
+                run.flush()
+            except Exception as e:  # noqa: BLE001 — the run's own failure is the one to report
+                log.warning("run %s: its last writes failed too: %s: %s", run_id, type(e).__name__, e)
         client.set_terminated(run_id, status)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -1,11 +1,14 @@
-"""claim_run: what a job does with its config's earlier runs, decided without processes or a store."""
+"""claim_run: what a job does with its config's earlier runs, decided without processes or a store; and how a
+JobRun writes each epoch."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
+import torch
+from mlflow.tracking import MlflowClient
 
-from cifar_ablation.jobrun import CREATE, REFUSE, RESUME, SKIP, claim_run
+from cifar_ablation.jobrun import CREATE, REFUSE, RESUME, SKIP, JobRun, claim_run
 
 ME = {"host": "here", "pid": "100"}
 
@@ -40,3 +43,18 @@ def test_claim_run(earlier, force, action, run_id):
     c = claim_run(earlier, ME, force, alive)
     assert c.action == action
     assert (c.run.info.run_id if c.run is not None else None) == run_id
+
+
+def test_an_epoch_is_written_in_the_background_from_a_copy_then_flushed(tmp_path):
+    """end_epoch returns before its writes land and training may change its tensors at once: what lands is the
+    state as it was at the end of the epoch, checkpoint and metrics both, by the time flush() returns."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    run_id = client.create_run(client.create_experiment("bg")).info.run_id
+    jr = JobRun(client, run_id)
+    weights = torch.zeros(1000)
+    for epoch in (1, 2):
+        jr.end_epoch(epoch, {"val_acc": epoch / 10}, lambda: {"epoch": epoch, "model": {"w": weights}})
+        weights += 1  # the next epoch's training, while the writer thread writes
+    jr.flush()
+    assert JobRun(client, run_id).load_checkpoint()["model"]["w"].eq(1).all()  # epoch 2's copy: before the 2nd +1
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_acc")] == [(1, 0.1), (2, 0.2)]

@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
@@ -38,11 +38,14 @@ class Images:
     classes: list[str]
     source: str            # what was read: a path or "cifar10:<root>"
     checksum: str          # sha256 of the source (archive bytes, or every file's name and bytes)
+    _stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and std of the training images, in [0, 1] units."""
-        x = self.train_x.double() / 255
-        return x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+        """Per-channel mean and std of the training images, in [0, 1] units (computed once per object)."""
+        if self._stats is None:
+            x = self.train_x.double() / 255
+            self._stats = x.mean(dim=(0, 2, 3)).float(), x.std(dim=(0, 2, 3)).float()
+        return self._stats
 
 
 def abspath(path: str | os.PathLike) -> Path:
@@ -200,16 +203,35 @@ def load_images(data_cfg: Any) -> Images:
             download_cifar10(root)
         files = sorted(folder.glob("*batch*"))
         checksum, source = sha256_files(files, root), f"cifar10:{root}"
-        t = cached(cache_dir / f"cifar10-{checksum[:16]}.pt", lambda: read_cifar10_batches(folder))
+        cache_file, decode = cache_dir / f"cifar10-{checksum[:16]}.pt", lambda: read_cifar10_batches(folder)
     else:
         path = abspath(data_cfg.path)
         files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
         checksum, source = sha256_files(files, None if path.is_file() else path), str(path)
-        t = cached(cache_dir / f"imagefolder-{checksum[:16]}.pt", lambda: decode_imagefolder(path))
+        cache_file, decode = cache_dir / f"imagefolder-{checksum[:16]}.pt", lambda: decode_imagefolder(path)
+    key = (source, checksum, data_cfg.subset, data_cfg.val_subset)
+    if _LAST.get("key") == (*key, _stat(cache_file)):
+        return _LAST["images"]
+    t = cached(cache_file, decode)
     images = Images(t["train_x"], t["train_y"], t["test_x"], t["test_y"], list(t["classes"]), source, checksum)
     images.train_x, images.train_y = _first(images.train_x, images.train_y, data_cfg.subset)
     images.test_x, images.test_y = _first(images.test_x, images.test_y, data_cfg.val_subset)
+    _LAST.update(key=(*key, _stat(cache_file)), images=images)
     return images
+
+
+# The last images this process loaded, with what they were loaded from: the next job of a launcher that runs
+# several in one process (basic, streams) gets the same object, read-only, unless the source or the cache file
+# changed (a cache read costs a digest of every tensor, and the channel statistics are computed once per object).
+_LAST: dict[str, Any] = {}
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _first(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:

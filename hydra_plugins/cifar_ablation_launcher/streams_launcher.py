@@ -44,8 +44,8 @@ class StreamsLauncher(Launcher):
         with sigterm_interrupts():
             try:
                 while pending or gang.members:
-                    while pending and len(gang.members) < self.runs:
-                        i, overrides = pending.popleft()
+                    if pending and len(gang.members) < self.runs:  # one job joins per round: the others' steps
+                        i, overrides = pending.popleft()             # keep the GPU busy while it sets up
                         returns[i] = self._start(initial_job_idx + i, overrides, gang)
                     gang.round()
             except BaseException as e:

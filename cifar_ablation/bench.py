@@ -8,9 +8,11 @@ textbook:  torchvision-style Dataset of PIL images + DataLoader(W workers, pinne
 trainer:   cifar_ablation.train.train(): the split held on the device, batched device-side augmentation,
            channels_last, bf16 autocast on CUDA (and torch.compile with --compile).
 Both report training images/s over whole epochs (augmentation included, evaluation and compilation not);
-the last epoch of each counts, so --epochs 2 or more leaves warm-up out. Then K trainer runs start at once
-as separate processes and their aggregate images/s is printed. Small sizes by default, so it runs on a CPU;
-on a GPU use e.g. --subset 50000 --epochs 3 --workers 8 --concurrent 9.
+the last epoch of each counts, so --epochs 2 or more leaves warm-up out. Then K trainer runs at once, their
+aggregate images/s printed: as K separate processes (sharing a GPU only through MPS, where it runs), and as K
+runs side by side in this one process, each on its own CUDA stream (streams.py, hydra/launcher=streams).
+Small sizes by default, so it runs on a CPU; on a GPU use e.g. --subset 50000 --epochs 3 --workers 8
+--concurrent 9.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checks import CONF_DIR
 from .data import Images, load_images
 from .stats import compare, summary
-from .train import build, make_optimizer, pick_device, train
+from .train import build, make_optimizer, pick_device, train, training
 
 DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
 
@@ -170,6 +172,28 @@ def concurrent(args: argparse.Namespace, run=_one_run) -> dict:
             "per_run": list(results.values())}
 
 
+def side_by_side(args: argparse.Namespace, images: Images, device: torch.device) -> dict:
+    """K trainer runs (seeds 0..K-1) in this process, each on its own CUDA stream; aggregate = all images
+    trained / the wall time from the first run's setup to the last run's end."""
+    from .streams import Gang, Member
+
+    gang, ends, start = Gang(), {}, time.time()
+    for k in range(args.concurrent):
+        def on_end(value, error, k=k):
+            ends[k] = (time.time(), value, error)
+        member, _ = Member.prime(k, training(bench_config(args, seed=k), images, device=device), on_end)
+        gang.add(member)
+    while gang.members:
+        gang.round()
+    errors = [e for _, _, e in ends.values() if e is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of the side-by-side runs failed") from errors[0]
+    wall = max(t for t, _, _ in ends.values()) - start
+    trained = args.concurrent * args.epochs * (len(images.train_y) // args.batch_size) * args.batch_size
+    return {"runs": args.concurrent, "aggregate_images_per_second": trained / wall, "wall": wall,
+            "per_run_last_epoch_images_per_second": [v["images_per_second"] for _, v, _ in ends.values()]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help="an image folder or archive (imagefolder format)")
@@ -178,7 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the textbook loop")
-    ap.add_argument("--concurrent", type=int, default=2, help="trainer runs at once for the aggregate figure")
+    ap.add_argument("--concurrent", type=int, default=2, help="trainer runs at once for the aggregate figures")
+    ap.add_argument("--modes", default="streams,processes",
+                    help="how the concurrent runs share the machine, in this order: streams (one process, a CUDA "
+                         "stream each), processes (one process each)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--tricks", default="batchnorm,dropout,flip,crop")
     ap.add_argument("--compile", action="store_true", help="torch.compile the trainer's model")
@@ -212,17 +239,23 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"device": where, "torch": torch.__version__, "args": vars(args),
               "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),  # experiments/gpu_run.sh starts MPS
               "textbook_images_per_second": base, "trainer": ours, "ratio": ratio}
-    if args.json:  # now, and again with the concurrent runs: a run cut short keeps the comparison
+    if args.json:  # now, and again after each concurrent mode: a run cut short keeps what it measured
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-    if args.concurrent > 0:
-        agg = concurrent(args)
-        mem = [r.get("peak_mem_gib") for r in agg["per_run"]]
-        extra = f", peak GPU memory per run {max(mem):.2f} GiB" if mem and mem[0] is not None else ""
-        print(f"| {args.concurrent} concurrent trainer runs, aggregate | {agg['aggregate_images_per_second']:,.0f} "
-              f"images/s{extra} |")
-        result["concurrent"] = agg
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    for mode in [m for m in args.modes.split(",") if m] if args.concurrent > 0 else []:
+        if mode == "streams":
+            agg = result["side_by_side"] = side_by_side(args, images, device)
+            print(f"| {args.concurrent} trainer runs side by side in one process (streams), aggregate | "
+                  f"{agg['aggregate_images_per_second']:,.0f} images/s |")
+        elif mode == "processes":
+            agg = result["concurrent"] = concurrent(args)
+            mem = [r.get("peak_mem_gib") for r in agg["per_run"]]
+            extra = f", peak GPU memory per run {max(mem):.2f} GiB" if mem and mem[0] is not None else ""
+            print(f"| {args.concurrent} concurrent trainer runs (processes), aggregate | "
+                  f"{agg['aggregate_images_per_second']:,.0f} images/s{extra} |")
+        else:
+            raise SystemExit(f"error: --modes: {mode!r} is not one of streams, processes")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return result
 
 

@@ -50,19 +50,22 @@ class Member:
     stream: Any = None                            # torch.cuda.Stream on CUDA
     cpu_rng: torch.Tensor = field(default_factory=torch.get_rng_state)
     cuda_rng: Any = None                          # a torch.Generator holding this run's own CUDA RNG state object
-    handlers: list[logging.Handler] = field(default_factory=list)
+    handlers: list[logging.Handler] | None = None  # its job's own log handlers (None: the process's)
 
     @classmethod
-    def prime(cls, num: int, steps: Generator, on_end: Callable) -> "tuple[Member | None, Any]":
+    def prime(cls, num: int, steps: Generator, on_end: Callable,
+              own_logs: bool = False) -> "tuple[Member | None, Any]":
         """Run a job up to its first training step (validate, claim, open the run, set up, restore), in the
         caller's context (Hydra's run_job: its config and log handlers): (the member, None), or (None, the
-        job's value) when it ended there (a skipped config). Its random state is taken after setup seeded it."""
+        job's value) when it ended there (a skipped config). Its random state is taken after setup seeded it.
+        own_logs: the root logger's handlers now are this job's own (Hydra made them for it): keep them for its
+        turns, tagging its lines."""
         try:
             device = next(steps)
         except StopIteration as done:
             return None, done.value
-        m = cls(num, steps, device, on_end, handlers=list(logging.getLogger().handlers))
-        for h in m.handlers:
+        m = cls(num, steps, device, on_end, handlers=list(logging.getLogger().handlers) if own_logs else None)
+        for h in m.handlers or []:
             h.addFilter(_JobTag(num))
         if device.type == "cuda":
             m.stream = torch.cuda.Stream(device)
@@ -79,7 +82,8 @@ class Member:
         torch.set_rng_state(self.cpu_rng)
         if cuda_gen is not None:
             cuda_gen.graphsafe_set_state(self.cuda_rng)
-        root.handlers = self.handlers
+        if self.handlers is not None:
+            root.handlers = self.handlers
         try:
             with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
                 yield

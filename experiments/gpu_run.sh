@@ -15,8 +15,10 @@
 # the same warm machine, the second call at once with the budget left: WORK (default /tmp/cifar_ablation_gpu)
 # keeps the store, the decoded data and which steps ended well, so the second call goes on where the first
 # stopped (the ladder's FINISHED jobs are skipped and a cut job resumes from its last epoch's checkpoint).
-# On CUDA the runs share the GPU through MPS (nvidia-cuda-mps-control) where it starts (MPS=0: never): without it
-# the processes of a parallel sweep take turns on the GPU instead of running their kernels side by side.
+# The ladder's jobs run side by side in one process, each on its own CUDA stream (hydra/launcher=streams; RUNS at a
+# time, default all 27, so the three capacity jobs, the longest, start first; LAUNCHER=parallel: one process
+# each). Processes (the bench's, the forms') share the GPU through MPS (nvidia-cuda-mps-control) where it starts
+# (MPS=0: never): without it processes take turns on the GPU instead of running their kernels side by side.
 # The GPU machine has python3 with torch but no Hydra or MLflow, no network, and no ../shared: carry the wheels
 # (make gpu-prep: ../shared/tools/offline-wheels.sh .whl) and the data (data/cifar10-jpeg.tar.gz) in
 # the checkout; the script installs the wheels into /tmp/site when Hydra is missing. --tiny is the same script
@@ -98,11 +100,11 @@ fi
 if [ $TINY = 1 ]; then  # RUN: the sizes of one run; SIZE: those of the ladder's sweep
   RUN=(data.subset=200 data.val_subset=100 'model.widths=[8,16]' model.dense=32 train.batch_size=50
        train.eval_batch_size=100 train.epochs=1 device=cpu)
-  SIZE=("${RUN[@]}" jobs_per_device=2)
+  SIZE=("${RUN[@]}" jobs_per_device=${RUNS:-2})
   BENCH=(--subset 200 --val-subset 100 --epochs 1 --batch-size 50 --workers 0 --concurrent 2 --device cpu)
 else
   RUN=()
-  SIZE=(jobs_per_device=9)
+  SIZE=(jobs_per_device=${RUNS:-27})
   BENCH=(--subset 50000 --val-subset 10000 --epochs 3 --batch-size 128 --workers 8 --concurrent 9)
 fi
 STORE=sqlite:///$WORK/mlflow.db
@@ -113,7 +115,7 @@ if wanted ladder; then
   # one sweep of 27 jobs, seed 0's nine first (conf/experiment/slide_ladder.yaml); per-epoch checkpoints, so a
   # job the budget cuts resumes from its last epoch in the next call
   step ladder 600 $PY -m cifar_ablation experiment=slide_ladder data=imagefolder "data.path=$DATA" \
-    hydra/launcher=parallel train.progress_every_s=0 "${SIZE[@]}" "data.cache_dir=$CACHE" \
+    "hydra/launcher=${LAUNCHER:-streams}" train.progress_every_s=60 "${SIZE[@]}" "data.cache_dir=$CACHE" \
     "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder "hydra.sweep.dir=$WORK/multirun/ladder"
   [ $? = 124 ] && log "the budget ended inside the ladder: the next call's ladder step goes on from here"
   save
@@ -129,6 +131,7 @@ if wanted tests; then
   for t in "tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve 60" \
            "tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns 60" \
            "tests/test_gpu.py::test_a_killed_cuda_run_resumes_on_the_graph_path 120" \
+           "tests/test_gpu.py::test_runs_side_by_side_on_streams_train_as_they_do_alone 120" \
            "tests/test_learning.py::test_cuda_path_learns_clearly_above_chance 60" \
            "tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change 60"; do
     set -- $t
@@ -138,7 +141,7 @@ fi
 
 # --- 4. the benchmark at full size ---------------------------------------------------------------------------
 if wanted bench; then
-  step bench 120 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
+  step bench 150 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
     --override "data.cache_dir=$CACHE"
 fi
 

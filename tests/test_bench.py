@@ -14,7 +14,9 @@ def test_bench_prints_both_loops_the_ratio_and_the_aggregate(imagefolder, capsys
                    "--workers", "0", "--concurrent", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "| textbook loop" in out and "| cifar-ablation trainer" in out and "| ratio trainer / textbook" in out
-    assert "| 2 concurrent trainer runs, aggregate" in out
+    assert "| 2 concurrent trainer runs (processes), aggregate" in out
+    assert "| 2 trainer runs side by side in one process (streams), aggregate" in out
+    assert result["side_by_side"]["runs"] == 2 and result["side_by_side"]["aggregate_images_per_second"] > 0
     assert result["textbook_images_per_second"] > 0 and result["trainer"]["images_per_second"] > 0
     assert result["ratio"] == pytest.approx(result["trainer"]["images_per_second"] / result["textbook_images_per_second"])
     assert result["concurrent"]["runs"] == 2 and result["concurrent"]["aggregate_images_per_second"] > 0

@@ -88,3 +88,31 @@ def test_a_killed_cuda_run_resumes_on_the_graph_path(tmp_path, jpeg_cache):
     print(f"resumed vs uninterrupted val_acc: {run.data.metrics['val_acc']:.4f} vs "
           f"{reference.data.metrics['val_acc']:.4f}")
     assert gap < 0.03
+
+
+def test_runs_side_by_side_on_streams_train_as_they_do_alone(tmp_path, jpeg_cache):
+    """hydra/launcher=streams on CUDA: three graph-path runs with dropout share one process, each on its own
+    stream with its own CUDA generator state. Exact: every generator's state in each run's last checkpoint equals
+    the run's state alone (so no run drew from another's dropout stream). Within cuDNN's noise: val_acc."""
+    from cifar_ablation.jobrun import JobRun
+
+    db = tmp_path / "m.db"
+    args = ["-m", "trick=[dropout],[batchnorm,dropout],[batchnorm,dropout,flip,crop]", *CUDA,
+            f"data.cache_dir={jpeg_cache}", "train.epochs=3", f"mlflow.tracking_uri=sqlite:///{db}"]
+    together = run_cli([*args, "hydra/launcher=streams", "jobs_per_device=3", "mlflow.experiment=together"],
+                       tmp_path)
+    assert together.returncode == 0, together.stderr[-3000:]
+    assert (together.stdout + together.stderr).count("captured as a CUDA graph") == 3
+    alone = run_cli([*args, "mlflow.experiment=alone"], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    client, runs = runs_in(db, "together")
+    _, reference = runs_in(db, "alone")
+    ref = {r.data.tags["tricks"]: r for r in reference if "tricks" in r.data.tags}
+    for run in [r for r in runs if "tricks" in r.data.tags]:
+        mine, theirs = run, ref[run.data.tags["tricks"]]
+        a, b = (JobRun(client, r.info.run_id).load_checkpoint() for r in (mine, theirs))
+        for key in ("cuda_rng", "torch_rng", "gen_rng"):
+            assert torch.equal(a[key], b[key]), (run.data.tags["tricks"], key)
+        print(f"{run.data.tags['tricks']}: side by side val_acc {mine.data.metrics['val_acc']:.4f}, alone "
+              f"{theirs.data.metrics['val_acc']:.4f}")
+        assert abs(mine.data.metrics["val_acc"] - theirs.data.metrics["val_acc"]) < 0.03

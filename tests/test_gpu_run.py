@@ -3,6 +3,7 @@ land under OUT as the device tool returns them (at most 8 files, 2 folders down)
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,9 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
                  "test test_cuda_out_of_memory_fails_saying_what_to_change"):
         assert f"== {step}: exit 0" in log or f"== {step}: done" in log, step
     assert "skipped" in log  # the GPU tests, with their reason, on a CPU
+    assert "Launching 27 jobs in this process, 2 at a time on their own streams" in log  # the ladder's launcher
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["side_by_side"]["aggregate_images_per_second"] > 0 and bench["concurrent"]["runs"] == 2
     files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files
     assert {"run.log", "bench.json", "mlflow.db"} <= {str(f) for f in files}

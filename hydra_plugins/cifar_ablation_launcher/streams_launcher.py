@@ -72,7 +72,7 @@ class StreamsLauncher(Launcher):
 
         def prime(cfg: DictConfig) -> Any:
             with user_errors():
-                member, value = Member.prime(num, job_steps(cfg), on_end)
+                member, value = Member.prime(num, job_steps(cfg), on_end, own_logs=True)
             gang.add(member)
             return value  # a skipped config's val_acc; a member's is set by on_end
 

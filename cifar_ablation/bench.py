@@ -190,6 +190,7 @@ def side_by_side(args: argparse.Namespace, images: Images, device: torch.device)
         raise RuntimeError(f"{len(errors)} of the side-by-side runs failed") from errors[0]
     wall = max(t for t, _, _ in ends.values()) - start
     trained = args.concurrent * args.epochs * (len(images.train_y) // args.batch_size) * args.batch_size
+    print(f"side by side: {gang.pace()}")
     return {"runs": args.concurrent, "aggregate_images_per_second": trained / wall, "wall": wall,
             "per_run_last_epoch_images_per_second": [v["images_per_second"] for _, v, _ in ends.values()]}
 

@@ -17,6 +17,7 @@ are still running. Each member keeps what the process would otherwise share betw
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Iterator
@@ -106,6 +107,12 @@ class Gang:
 
     def __init__(self) -> None:
         self.members: list[Member] = []
+        self.steps, self.started = 0, time.perf_counter()
+
+    def pace(self) -> str:
+        """The training steps taken so far, all members together, and their rate since the gang began."""
+        wall = time.perf_counter() - self.started
+        return f"{self.steps:,} training steps in {wall:.0f} s, {self.steps / max(wall, 1e-9):,.0f} steps/s in all"
 
     def add(self, m: Member | None) -> None:
         if m is not None:
@@ -113,6 +120,7 @@ class Gang:
 
     def round(self) -> None:
         """One step of each member."""
+        self.steps += len(self.members)
         for m in list(self.members):
             with m.turn():
                 try:

@@ -9,6 +9,7 @@ therefore see a job at that point; the JobReturn the sweeper reads is completed 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,14 +44,20 @@ class StreamsLauncher(Launcher):
         pending, gang = deque(enumerate(job_overrides)), Gang()
         with sigterm_interrupts():
             try:
+                said = time.monotonic()
                 while pending or gang.members:
                     if pending and len(gang.members) < self.runs:  # one job joins per round: the others' steps
                         i, overrides = pending.popleft()             # keep the GPU busy while it sets up
                         returns[i] = self._start(initial_job_idx + i, overrides, gang)
                     gang.round()
+                    if time.monotonic() - said > 60:
+                        said = time.monotonic()
+                        log.info(f"streams: {len(gang.members)} runs training, {len(pending)} waiting; {gang.pace()}")
             except BaseException as e:
                 gang.stop(e)
                 raise
+            finally:
+                log.info(f"streams: {gang.pace()}")
         return returns
 
     def _start(self, num: int, overrides: Sequence[str], gang: Any) -> JobReturn:

@@ -120,12 +120,14 @@ def crop_boxes(n: int, size: int, cfg: Any, gen: torch.Generator, device: torch.
     w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
     fits = (w <= size) & (h <= size)
     first = fits.float().argmax(1, keepdim=True)          # index of the first fitting draw (0 if none)
-    w = torch.where(fits.any(1), w.gather(1, first).squeeze(1), torch.tensor(float(size), device=device))
-    h = torch.where(fits.any(1), h.gather(1, first).squeeze(1), torch.tensor(float(size), device=device))
+    # Python scalars, not torch.tensor(..., device=...): a host-to-device copy would wait for the stream each step
+    w = torch.where(fits.any(1), w.gather(1, first).squeeze(1), float(size))
+    h = torch.where(fits.any(1), h.gather(1, first).squeeze(1), float(size))
     pos = torch.rand(n, 3, generator=gen, device=device)
     x1, y1 = (size - w) * pos[:, 0], (size - h) * pos[:, 1]
     boxes = torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
-    full = torch.tensor([0.0, 0.0, size, size], device=device)
+    full = torch.zeros_like(boxes)
+    full[:, 2:] = size
     return torch.where((pos[:, 2] < cfg.p).unsqueeze(1), boxes, full)
 
 

@@ -53,6 +53,30 @@ def test_graph_and_eager_steps_give_the_same_loss_curve(make_cfg, jpeg_cache):
     assert eager[-1] < eager[0] - 0.1  # and it is a curve: the loss fell
 
 
+@pytest.mark.parametrize("crop", ["resize", "translate"])
+def test_a_training_step_never_waits_for_the_gpu(make_cfg, jpeg_cache, crop):
+    """A step that synchronizes (a host-to-device copy of a new tensor, an .item()) holds the launching thread
+    until the GPU has caught up: runs side by side on streams would take turns instead of overlapping. After
+    warm-up and capture, 20 steps (batch, every trick, step, schedule) under sync debug mode "error"."""
+    from cifar_ablation.steps import WARMUP
+
+    cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "train.epochs=1", f"trick.crop.mode={crop}",
+                   "trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]")
+    p = setup(cfg, load_images(cfg.data), torch.device("cuda"))
+    batches = iter(p.train_loader)
+    for _ in range(WARMUP + 2):  # warm-up and capture may synchronize (cuDNN's timing, the graph's setup)
+        p.step(*next(batches))
+        p.step.schedule()
+    assert p.step.kind == "cuda_graph"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            p.step(*next(batches))
+            p.step.schedule()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_a_short_cuda_run_on_the_graph_path_learns(make_cfg, jpeg_cache, caplog):
     cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "trick=[batchnorm,dropout,flip,crop]", "train.epochs=4")
     with caplog.at_level(logging.INFO):

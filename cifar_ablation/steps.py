@@ -74,7 +74,7 @@ class GraphStep(EagerStep):
 
     def __init__(self, p: Any, strict: bool):
         super().__init__(p)
-        self.strict, self.warmed, self.graph = strict, 0, None
+        self.strict, self.warmed, self.graph, self.side = strict, 0, None, None
         self.lrs = [g["lr"] for g in p.opt.param_groups]  # the learning-rate tensors the graph will read
         self.fallback: str | None = None   # why the step runs eagerly after all
 
@@ -110,7 +110,9 @@ class GraphStep(EagerStep):
                 group["lr"] = lr
 
     def _warm_up(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        side = torch.cuda.Stream(self.p.device)
+        if self.side is None:  # one side stream for all the warm-up steps
+            self.side = torch.cuda.Stream(self.p.device)
+        side = self.side
         side.wait_stream(torch.cuda.current_stream(self.p.device))
         with torch.cuda.stream(side):
             loss = super().__call__(x, y)

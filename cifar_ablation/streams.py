@@ -68,8 +68,8 @@ class Member:
         m = cls(num, steps, device, on_end, handlers=list(logging.getLogger().handlers) if own_logs else None)
         for h in m.handlers or []:
             h.addFilter(_JobTag(num))
-        if device.type == "cuda":
-            m.stream = torch.cuda.Stream(device)
+        if device.type == "cuda":  # PyTorch hands out 32 streams per priority, round-robin; the high-priority
+            m.stream = torch.cuda.Stream(device, priority=-1)  # ones are left to the members: up to 32, no two share
             m.stream.wait_stream(torch.cuda.current_stream(device))  # the setup ran on the default stream
             m.cuda_rng = torch.cuda.default_generators[device.index].clone_state()
         return m, None

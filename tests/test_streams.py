@@ -86,3 +86,18 @@ def test_ctrl_c_kills_every_run_of_the_gang_and_the_relaunch_resumes_them_exactl
     client, reference = runs_in(db, "alone")
     for tricks, ref in jobs_by(reference, "tricks").items():
         assert curves(client, resumed[tricks]) == curves(client, ref), tricks
+
+
+def test_sigterm_to_a_streams_sweep_leaves_every_run_killed_and_the_sweep_failed(tmp_path, slow_data):
+    """kill (or SLURM's scancel) while several runs share the process: each run, and the sweep, says so."""
+    db = tmp_path / "m.db"
+    proc = start(["-m", TRICKS, "hydra/launcher=streams", "jobs_per_device=2", *SLOW, *slow_data, "train.epochs=50",
+                  f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=term"], tmp_path)
+    wait_for(proc, "epoch 1/50")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    _, runs = runs_in(db, "term")
+    assert sorted(r.info.status for r in runs if r.data.tags[ROLE] == JOB) == ["KILLED", "KILLED"]
+    assert all("Terminated" in r.data.tags["failure_reason"] for r in runs if r.data.tags[ROLE] == JOB)
+    (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    assert sweep.info.status == "FAILED"

@@ -42,9 +42,12 @@ test: install services  ## the test suite, all but the multi-process launcher te
 test-slow: install services  ## multi-process tests: parallel launchers, a SLURM cluster, PostgreSQL + auth server
 	$(BIN)/python -m pytest -q -m slow --durations=20
 
+# The ladder's runs side by side in one process, LADDER_RUNS at a time (each on its own CUDA stream on a GPU).
+LADDER_RUNS ?= 9
 ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds (CIFAR-10, or the mirror here), then its report
 	@echo "ladder data: $(DATA_ARGS)"
-	$(BIN)/python -m cifar_ablation experiment=slide_ladder $(DATA_ARGS)
+	$(BIN)/python -m cifar_ablation experiment=slide_ladder $(DATA_ARGS) hydra/launcher=streams \
+	    jobs_per_device=$(LADDER_RUNS)
 	$(BIN)/python -m cifar_ablation.report --experiment slide-ladder --out experiments/slide_ladder
 
 gpu-prep:  ## before a GPU run: MLflow/Hydra wheels into .whl/, the JPEG mirror into data/ (both git-ignored)

@@ -71,5 +71,6 @@ def job_steps(cfg: DictConfig):
         except torch.cuda.OutOfMemoryError as e:
             raise MemoryError(f"CUDA out of memory on {device}: lower train.batch_size (now {cfg.train.batch_size}) "
                               f"or train.eval_batch_size (now {cfg.train.eval_batch_size}), run fewer jobs per GPU "
-                              "(hydra.launcher.n_jobs), or keep train.amp=true. " + str(e).split("\n")[0]) from e
+                              "(jobs_per_device, with hydra/launcher=parallel or streams), or keep train.amp=true. "
+                              + str(e).split("\n")[0]) from e
     return metrics["val_acc"]

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# The prepared run on a bare GPU machine (issue #10): the GPU tests, the full-size benchmark, the slide's 27-run
-# ladder (one sweep, its jobs sent out seed by seed, so a run cut short leaves whole seeds first) and its report,
-# then the two recipe forms side by side. Everything it produces goes under OUT as it comes, at most 8 files
-# (what the device tool returns):
+# The prepared run on a bare GPU machine (issue #10), in this order: the slide's 27-run ladder (one sweep) and its
+# report, the full-size benchmark, the two recipe forms side by side, then the GPU tests one by one. Everything
+# it produces goes under OUT as it comes, at most 8 files (what the device tool returns):
 #   run.log             every step's output and its wall time
 #   bench.json          the benchmark's numbers
 #   mlflow.db           the tracking store (re-report it later: report --tracking-uri sqlite:///…)
 #   slide_ladder/       ladder.md, ladder.csv and the three figures
 #
-#   experiments/gpu_run.sh [--tiny] [--steps tests,bench,ladder,forms] [OUT]   (make gpu-run; OUT: $OUT, gpu_out)
+#   experiments/gpu_run.sh [--tiny] [--steps ladder,bench,forms,tests] [OUT]   (make gpu-run; OUT: $OUT, gpu_out)
 #
 # --steps picks steps (default: all four, in that order). One H100 call of 600 s may not hold them all (first
 # H100 run, experiments/slide_ladder/NOTES.md: one seed of the ladder took 270 s), so a session calls it twice on
@@ -26,7 +25,7 @@
 # Budget (seconds of the whole run): GPU_RUN_BUDGET, default 540 (the device tool allows 600 per command).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-TINY=0 STEPS=tests,bench,ladder,forms
+TINY=0 STEPS=ladder,bench,forms,tests
 while [ $# -gt 0 ]; do
   case $1 in
     --tiny) TINY=1; shift ;;
@@ -110,7 +109,7 @@ fi
 STORE=sqlite:///$WORK/mlflow.db
 save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
 
-# --- 2. the ladder, seed by seed, then its report --------------------------------------------------------
+# --- 2. the ladder, then its report ----------------------------------------------------------------------
 if wanted ladder; then
   # one sweep of 27 jobs, seed 0's nine first (conf/experiment/slide_ladder.yaml); per-epoch checkpoints, so a
   # job the budget cuts resumes from its last epoch in the next call
@@ -126,7 +125,36 @@ if wanted ladder; then
   save
 fi
 
-# --- 3. the GPU tests, one at a time (each reports as it ends; skipped with their reason on a CPU) ------------
+# --- 3. the benchmark at full size ---------------------------------------------------------------------------
+if wanted bench; then
+  step bench 150 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
+    --override "data.cache_dir=$CACHE"
+fi
+
+# --- 4. with what budget is left: the top rung in the forms the recipe departs from (seed 0, side by side) ----
+# the slide's crop-and-resize at capacity x4, and the translate crop at the default capacity x2
+ALL='trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]'
+form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
+  local limit=$1
+  shift
+  timeout --signal=TERM --kill-after=15 "$limit" $PY -m cifar_ablation "$ALL" seed=0 data=imagefolder \
+    "data.path=$DATA" "data.cache_dir=$CACHE" "$@" train.checkpoint=false train.progress_every_s=0 \
+    "${RUN[@]}" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder-forms >>"$LOG" 2>&1 &
+}
+if wanted forms && [ -e "$WORK/done/forms" ]; then
+  log "== forms: done in an earlier call"
+elif wanted forms && [ "$(left)" -gt 30 ]; then
+  log "== forms (at most $(left)s): crop=resize at capacity x4, crop=translate at capacity x2"
+  form "$(left)" trick.crop.mode=resize trick.capacity.width_mult=4 trick.capacity.dense_mult=2
+  p1=$!
+  form "$(left)" trick.crop.mode=translate trick.capacity.width_mult=2 trick.capacity.dense_mult=2
+  p2=$!
+  wait $p1; r1=$?
+  wait $p2; r2=$?
+  [ $r1 = 0 ] && [ $r2 = 0 ] && mkdir -p "$WORK/done" && touch "$WORK/done/forms"
+  log "== forms: $([ -e "$WORK/done/forms" ] && echo done || echo 'cut or failed (the next call runs what is left)')"
+fi
+# --- 5. the GPU tests, one at a time (each reports as it ends; skipped with their reason on a CPU) ------------
 if wanted tests; then
   for t in "tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve 60" \
            "tests/test_gpu.py::test_a_training_step_never_waits_for_the_gpu 60" \
@@ -140,28 +168,5 @@ if wanted tests; then
   done
 fi
 
-# --- 4. the benchmark at full size ---------------------------------------------------------------------------
-if wanted bench; then
-  step bench 150 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
-    --override "data.cache_dir=$CACHE"
-fi
-
-# --- 5. with what budget is left: the top rung in the forms the recipe departs from (seed 0, side by side) ----
-# the slide's crop-and-resize at capacity x4, and the translate crop at the default capacity x2
-ALL='trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]'
-form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
-  local limit=$1
-  shift
-  timeout --signal=TERM --kill-after=15 "$limit" $PY -m cifar_ablation "$ALL" seed=0 data=imagefolder \
-    "data.path=$DATA" "data.cache_dir=$CACHE" "$@" train.checkpoint=false train.progress_every_s=0 \
-    "${RUN[@]}" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder-forms >>"$LOG" 2>&1 &
-}
-if wanted forms && [ "$(left)" -gt 30 ]; then
-  log "== forms (at most $(left)s): crop=resize at capacity x4, crop=translate at capacity x2"
-  form "$(left)" trick.crop.mode=resize trick.capacity.width_mult=4 trick.capacity.dense_mult=2
-  form "$(left)" trick.crop.mode=translate trick.capacity.width_mult=2 trick.capacity.dense_mult=2
-  wait
-  log "== forms: done"
-fi
 save
 log "done in $(( $(date +%s) - T0 ))s"

@@ -39,9 +39,11 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
     assert (out / "slide_ladder" / "ladder_accuracy.png").exists()
 
     # a second call on the same machine (the same WORK) goes on where the first stopped: nothing is run again
-    again = subprocess.run(["bash", "experiments/gpu_run.sh", "--tiny", "--steps", "tests,bench", str(tmp_path / "2")],
+    again = subprocess.run(["bash", "experiments/gpu_run.sh", "--tiny", "--steps", "bench,forms,tests",
+                            str(tmp_path / "2")],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     log2 = (tmp_path / "2" / "run.log").read_text()
     assert again.returncode == 0, log2[-3000:]
     assert "== bench: done in an earlier call" in log2 and "== ladder" not in log2
+    assert "== forms: done in an earlier call" in log2
     assert "== test test_cuda_out_of_memory_fails_saying_what_to_change: done in an earlier call" in log2

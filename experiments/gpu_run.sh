@@ -111,10 +111,23 @@ save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
 
 # --- 2. the ladder, then its report ----------------------------------------------------------------------
 if wanted ladder; then
+  # first two small runs side by side (it also decodes the data once): should the streams launcher fail on this
+  # machine, the ladder runs as processes instead (LAUNCHER= picks either and skips this)
+  if [ -z "${LAUNCHER:-}" ]; then
+    if step "streams smoke" 150 $PY -m cifar_ablation -m 'trick=[dropout],[batchnorm,dropout,flip,crop]' \
+         data=imagefolder "data.path=$DATA" data.subset=2560 data.val_subset=500 train.epochs=2 "${RUN[@]}" \
+         hydra/launcher=streams jobs_per_device=2 train.checkpoint=false "data.cache_dir=$CACHE" \
+         "mlflow.tracking_uri=$STORE" mlflow.experiment=streams-smoke "hydra.sweep.dir=$WORK/multirun/smoke"; then
+      LAUNCHER=streams
+    else
+      LAUNCHER=parallel
+      log "the streams launcher failed its smoke run (above): the ladder runs as processes instead"
+    fi
+  fi
   # one sweep of 27 jobs, seed 0's nine first (conf/experiment/slide_ladder.yaml); per-epoch checkpoints, so a
   # job the budget cuts resumes from its last epoch in the next call
   step ladder 600 $PY -m cifar_ablation experiment=slide_ladder data=imagefolder "data.path=$DATA" \
-    "hydra/launcher=${LAUNCHER:-streams}" train.progress_every_s=60 "${SIZE[@]}" "data.cache_dir=$CACHE" \
+    "hydra/launcher=$LAUNCHER" train.progress_every_s=60 "${SIZE[@]}" "data.cache_dir=$CACHE" \
     "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder "hydra.sweep.dir=$WORK/multirun/ladder"
   [ $? = 124 ] && log "the budget ended inside the ladder: the next call's ladder step goes on from here"
   save

@@ -22,7 +22,7 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
                          capture_output=True, text=True, timeout=600)
     log = (out / "run.log").read_text()
     assert res.returncode == 0, log[-4000:] + res.stderr[-2000:]
-    for step in ("ladder", "report", "bench", "forms",
+    for step in ("streams smoke", "ladder", "report", "bench", "forms",
                  "test test_graph_and_eager_steps_give_the_same_loss_curve",
                  "test test_cuda_out_of_memory_fails_saying_what_to_change"):
         assert f"== {step}: exit 0" in log or f"== {step}: done" in log, step

@@ -87,6 +87,16 @@ def test_ctrl_c_kills_every_run_of_the_gang_and_the_relaunch_resumes_them_exactl
     for tricks, ref in jobs_by(reference, "tricks").items():
         assert curves(client, resumed[tricks]) == curves(client, ref), tricks
 
+    # a wider sweep later: the two finished configs are skipped (their runs join it), one new one trains
+    wider = run_cli([*args[:1], TRICKS + ",[flip]", *args[2:]], tmp_path)
+    assert wider.returncode == 0, wider.stderr[-3000:]
+    assert (wider.stdout + wider.stderr).count("skipping ") == 2
+    client, runs = runs_in(db, "gang")
+    assert sorted(r.data.tags["tricks"] for r in runs if r.data.tags[ROLE] == JOB) == \
+        ["batchnorm,dropout,flip,crop", "flip", "noise,dropout"]
+    newest = max((r for r in runs if r.data.tags[ROLE] == SWEEP), key=lambda r: r.info.start_time)
+    assert newest.info.status == "FINISHED" and newest.data.tags["job_states"] == "FINISHED: 3"
+
 
 def test_sigterm_to_a_streams_sweep_leaves_every_run_killed_and_the_sweep_failed(tmp_path, slow_data):
     """kill (or SLURM's scancel) while several runs share the process: each run, and the sweep, says so."""

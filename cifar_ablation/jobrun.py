@@ -236,7 +236,7 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated) as e:
         status = "KILLED"
-        client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: interrupted by signal")
+        client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: {str(e) or 'interrupted by signal'}")
         raise
     except BaseException as e:
         client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: {e}"[:5000])
@@ -254,5 +254,5 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
 
 
 def raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(f"signal {signum}")
+    raise Terminated(f"interrupted by signal {signum}")
 

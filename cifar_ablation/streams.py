@@ -136,7 +136,8 @@ class Gang:
     def stop(self, why: BaseException) -> None:
         """Interrupt every member still running (KILLED; Ctrl-C and SIGTERM as themselves, anything else as
         SIGTERM would): each closes its run before this returns."""
-        cause = why if isinstance(why, (KeyboardInterrupt, Terminated)) else Terminated(f"the launcher stopped: {why}")
+        cause = why if isinstance(why, (KeyboardInterrupt, Terminated)) else Terminated(
+            f"stopped with the launcher, by another job's {type(why).__name__} ({why}); launch again to resume")
         while self.members:
             m = self.members.pop(0)
             with m.turn():

@@ -111,3 +111,20 @@ def test_sigterm_to_a_streams_sweep_leaves_every_run_killed_and_the_sweep_failed
     assert all("Terminated" in r.data.tags["failure_reason"] for r in runs if r.data.tags[ROLE] == JOB)
     (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
     assert sweep.info.status == "FAILED"
+
+
+def test_a_bad_value_in_one_job_stops_the_sweep_with_one_error_and_the_runs_training_resume_later(tmp_path,
+                                                                                                   slow_data):
+    """Validation is per job: the second job's epochs=0 is found when it joins, while the first trains. The
+    sweep stops with the one `error:` line; the first run ends KILLED, saying why, and resumes on relaunch."""
+    db = tmp_path / "m.db"
+    common = [*SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=bad"]
+    res = run_cli(["-m", "hydra/launcher=streams", "jobs_per_device=2", *common, "train.epochs=2,0"], tmp_path)
+    assert res.returncode != 0
+    assert "error: invalid config: train.epochs=0 is not allowed" in res.stderr
+    client, runs = runs_in(db, "bad")
+    (first,) = [r for r in runs if r.data.tags[ROLE] == JOB]
+    assert first.info.status == "KILLED"
+    assert "another job's SystemExit (error: invalid config: train.epochs=0" in first.data.tags["failure_reason"]
+    again = run_cli([*common, "train.epochs=2"], tmp_path)
+    assert again.returncode == 0 and f"resuming interrupted run {first.info.run_id}" in again.stdout + again.stderr

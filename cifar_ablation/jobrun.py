@@ -17,7 +17,9 @@ import subprocess
 import tempfile
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +150,36 @@ class JobRun:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-WRITER = ThreadPoolExecutor(1, thread_name_prefix="mlflow-writer")  # one per process: writes in order
+class Writer:
+    """One daemon thread per process that runs the submitted writes in order. Daemon: a Ctrl-C landing while
+    it starts (a ThreadPoolExecutor's worker is then unknown to its exit hook) must not keep the interpreter
+    from exiting; every run flushes its writes before it closes (job_run), so none is lost at exit."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        future: Future = Future()
+        self.queue.put((future, fn, args))
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():  # first use, or a forked child
+                self.thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
+                self.thread.start()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self.queue.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 — handed to whoever waits on the future
+                    future.set_exception(e)
+
+
+WRITER = Writer()
 
 
 def to_cpu(obj: Any) -> Any:

@@ -2,6 +2,8 @@
 JobRun writes each epoch."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -58,3 +60,19 @@ def test_an_epoch_is_written_in_the_background_from_a_copy_then_flushed(tmp_path
     jr.flush()
     assert JobRun(client, run_id).load_checkpoint()["model"]["w"].eq(1).all()  # epoch 2's copy: before the 2nd +1
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_acc")] == [(1, 0.1), (2, 0.2)]
+
+
+def test_a_ctrl_c_while_the_writer_thread_starts_does_not_keep_the_process_alive():
+    """Seen with a ThreadPoolExecutor as the writer: a Ctrl-C landing just after its worker started (right after
+    "epoch 1" is logged) left the worker unknown to the executor's exit hook, and the process waited for it
+    forever. The writer's thread is a daemon: the process exits."""
+    code = ("import threading\n"
+            "from cifar_ablation import jobrun\n"
+            "start = threading.Thread.start\n"
+            "def start_then_interrupt(self):\n"
+            "    start(self)\n"
+            "    raise KeyboardInterrupt\n"
+            "threading.Thread.start = start_then_interrupt\n"
+            "jobrun.WRITER.submit(print, 'written')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "KeyboardInterrupt" in res.stderr

@@ -30,14 +30,15 @@ log = logging.getLogger("cifar_ablation.streams")
 
 
 class _JobTag(logging.Filter):
-    """Prefix a member's log lines with its job number (once per record: its handlers share the record)."""
+    """Prefix a member's log lines with its job number (once per record: its handlers share the record); the
+    sweep's own lines (progress, written while a job's handlers are in place) stay untagged."""
 
     def __init__(self, num: int):
         super().__init__()
         self.tag = f"#{num} "
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "job_tagged", False):
+        if not getattr(record, "job_tagged", False) and record.name != "cifar_ablation.sweep":
             record.msg, record.job_tagged = self.tag + str(record.msg), True
         return True
 

@@ -14,11 +14,11 @@ import logging
 import os
 import signal
 import subprocess
+import queue
 import tempfile
+import threading
 import time
 import traceback
-import queue
-import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass

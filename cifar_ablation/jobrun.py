@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import subprocess
-import queue
 import tempfile
 import threading
 import time

@@ -132,6 +132,11 @@ def trainer(cfg, images: Images, device: torch.device) -> dict:
     return out
 
 
+def images_trained(cfg, images: Images) -> int:
+    """Training images one run goes through: full batches only (the loader drops the last partial one)."""
+    return cfg.train.epochs * (len(images.train_y) // cfg.train.batch_size) * cfg.train.batch_size
+
+
 def _one_run(args: argparse.Namespace, slot: int, queue) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads() // args.concurrent))
     cfg = bench_config(args)
@@ -140,7 +145,7 @@ def _one_run(args: argparse.Namespace, slot: int, queue) -> None:
     queue.put(("ready", slot, None))
     start = time.time()
     r = trainer(cfg, images, device)
-    trained = cfg.train.epochs * (len(images.train_y) // cfg.train.batch_size) * cfg.train.batch_size
+    trained = images_trained(cfg, images)
     queue.put(("done", slot, {**r, "start": start, "end": time.time(), "images": trained}))
 
 
@@ -189,7 +194,7 @@ def side_by_side(args: argparse.Namespace, images: Images, device: torch.device)
     if errors:
         raise RuntimeError(f"{len(errors)} of the side-by-side runs failed") from errors[0]
     wall = max(t for t, _, _ in ends.values()) - start
-    trained = args.concurrent * args.epochs * (len(images.train_y) // args.batch_size) * args.batch_size
+    trained = args.concurrent * images_trained(bench_config(args), images)
     print(f"side by side: {gang.pace()}")
     return {"runs": args.concurrent, "aggregate_images_per_second": trained / wall, "wall": wall,
             "per_run_last_epoch_images_per_second": [v["images_per_second"] for _, v, _ in ends.values()]}
@@ -218,6 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. train.epochs=4")
     args = ap.parse_args(argv)
     args.data = str(Path(args.data).resolve())
+    modes = [m for m in args.modes.split(",") if m] if args.concurrent > 0 else []
+    if set(modes) - {"streams", "processes"}:  # before anything is measured
+        ap.error(f"--modes={args.modes}: each must be one of streams, processes")
 
     cfg = bench_config(args)
     images = load_images(cfg.data)
@@ -242,19 +250,17 @@ def main(argv: list[str] | None = None) -> dict:
               "textbook_images_per_second": base, "trainer": ours, "ratio": ratio}
     if args.json:  # now, and again after each concurrent mode: a run cut short keeps what it measured
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-    for mode in [m for m in args.modes.split(",") if m] if args.concurrent > 0 else []:
+    for mode in modes:
         if mode == "streams":
             agg = result["side_by_side"] = side_by_side(args, images, device)
             print(f"| {args.concurrent} trainer runs side by side in one process (streams), aggregate | "
                   f"{agg['aggregate_images_per_second']:,.0f} images/s |")
-        elif mode == "processes":
+        else:
             agg = result["concurrent"] = concurrent(args)
             mem = [r.get("peak_mem_gib") for r in agg["per_run"]]
             extra = f", peak GPU memory per run {max(mem):.2f} GiB" if mem and mem[0] is not None else ""
             print(f"| {args.concurrent} concurrent trainer runs (processes), aggregate | "
                   f"{agg['aggregate_images_per_second']:,.0f} images/s{extra} |")
-        else:
-            raise SystemExit(f"error: --modes: {mode!r} is not one of streams, processes")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return result

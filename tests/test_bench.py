@@ -52,3 +52,9 @@ def test_device_crop_matches_torchvisions_random_resized_crop(make_cfg):
     ref_aspect, our_aspect = (ref[:, 1] / ref[:, 0]).log(), (w / h).log()
     assert our_aspect.mean().item() == pytest.approx(ref_aspect.mean().item(), abs=0.02)
     assert our_aspect.std().item() == pytest.approx(ref_aspect.std().item(), rel=0.15)
+
+
+def test_an_unknown_concurrency_mode_is_refused_before_anything_is_measured(capsys):
+    with pytest.raises(SystemExit):
+        main(["--modes", "streams,gpu"])
+    assert "--modes=streams,gpu: each must be one of streams, processes" in capsys.readouterr().err

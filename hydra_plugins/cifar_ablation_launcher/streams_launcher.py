@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 class StreamsLauncher(Launcher):
     def __init__(self, runs: int = 9) -> None:
         if int(runs) < 1:
-            raise ValueError(f"hydra.launcher.runs={runs}: the runs trained at once must be 1 or more")
+            raise ValueError(f"hydra.launcher.runs={runs} (by default jobs_per_device per GPU): the runs trained "
+                             "at once must be an integer >= 1")
         self.runs = int(runs)
         self.config: DictConfig | None = None
         self.hydra_context: Any = None

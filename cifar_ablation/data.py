@@ -247,7 +247,10 @@ def _first(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tenso
 class DeviceLoader:
     """One split held whole on the device as uint8. Each epoch: one permutation (training) or none
     (evaluation); each batch: gather, normalize with the training set's mean/std, then `augment`
-    (the batch tricks, training only). drop_last keeps every training batch full (BatchNorm needs > 1)."""
+    (the batch tricks, training only). drop_last keeps every training batch full (BatchNorm needs > 1).
+
+    Iterating gives the batches; a training step that wants the batch made inside its own CUDA graph takes
+    indices() and batch() apart: the indices are the only thing that changes from step to step."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int,
                  device: torch.device, *, train: bool = False, gen: torch.Generator | None = None,
@@ -261,12 +264,19 @@ class DeviceLoader:
         n, b = len(self.y), self.batch_size
         return n // b if self.train else -(-n // b)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def indices(self) -> Iterator[torch.Tensor | slice]:
+        """Each batch's images, one epoch: views of one permutation (training), else slices in order."""
         n, b = len(self.y), self.batch_size
         order = torch.randperm(n, generator=self.gen, device=self.x.device) if self.train else None
         for i in range(len(self)):
-            idx = order[i * b:(i + 1) * b] if order is not None else slice(i * b, (i + 1) * b)
-            x = self.x[idx].float() * self.scale - self.shift
-            if self.augment is not None:
-                x = self.augment(x)
-            yield x, self.y[idx]
+            yield order[i * b:(i + 1) * b] if order is not None else slice(i * b, (i + 1) * b)
+
+    def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalized (and, training, augmented) images at idx, and their labels."""
+        x = self.x[idx].float() * self.scale - self.shift
+        if self.augment is not None:
+            x = self.augment(x)
+        return x, self.y[idx]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return (self.batch(idx) for idx in self.indices())

@@ -1,15 +1,21 @@
 """The training step, two ways: eager (every op launched from Python), or captured once as a CUDA graph and
-replayed (one launch for forward, loss with the L1/L2 term, backward and the optimizer step).
+replayed: one launch for the batch (gather, normalize, the batch tricks), forward, loss with the L1/L2 term,
+backward and the optimizer step.
 
-train_epoch() calls whichever train.setup() chose, then its schedule() (outside the graph: the learning rate is
-a tensor the graph reads, filled in place by the scheduler, and put back should a scheduler replace it). Both
-kinds accumulate the epoch's loss and correct count on the device, so an epoch talks to the host once. Augmentation stays outside the graph:
-the loader's batch is copied into the graph's static input buffers.
+A step is called with the batch's indices into the training split (DeviceLoader.indices()); train_epoch() calls
+whichever step train.setup() chose, then its schedule() (outside the graph: the learning rate is a tensor the
+graph reads, filled in place by the scheduler, and put back should a scheduler replace it). Both kinds
+accumulate the epoch's loss and correct count on the device, so an epoch talks to the host once.
 
 The graph follows PyTorch's whole-network capture recipe: the first WARMUP steps run eagerly on a side stream
 (real training steps, not thrown away), the optimizer is capturable (its state on the device), gradients are
 set to None before capture so that backward allocates them from the graph's pool, and autocast's weight cache
-is off. Dropout's RNG is graph-safe (PyTorch advances the generator's offset at each replay).
+is off. Random numbers stay graph-safe: dropout draws from the device's default generator, which every capture
+registers, and the batch tricks from the run's own generator, registered with the graph here; each replay
+advances both generators' offsets as the eager ops would. Inside the graph the batch is 38 ops with the
+translate crop and 70 with crop-and-resize (counted on the CPU, tests/test_steps.py), which would otherwise be
+launched from Python every step; the step's only input is then a copy of the batch's indices. Should the
+batch fail to capture, the step is captured without it (the loader's batch copied into static buffers).
 """
 from __future__ import annotations
 
@@ -60,42 +66,51 @@ class EagerStep:
         """The learning rate schedule's step, after each training step."""
         self.p.sched.step()
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """One training step on the training images at idx."""
         self.p.opt.zero_grad(set_to_none=True)
-        return self.ops(x.contiguous(memory_format=self.p.fmt), y)
+        return self.ops(*self.batch(idx))
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.p.train_loader.batch(idx)
+        return x.contiguous(memory_format=self.p.fmt), y
 
 
 class GraphStep(EagerStep):
     """The whole step captured as one CUDA graph after WARMUP eager steps, then replayed. With strict=False
     (train.cuda_graph=auto) a failed warm-up or capture logs the reason and goes on eagerly, losing nothing:
-    a failed capture executes none of its ops."""
+    a failed capture executes none of its ops. `batch_inside`: whether the graph makes the batch too."""
 
     kind = "cuda_graph"
 
     def __init__(self, p: Any, strict: bool):
         super().__init__(p)
-        self.strict, self.warmed, self.graph, self.side = strict, 0, None, None
+        self.strict, self.warmed, self.graph, self.side, self.batch_inside = strict, 0, None, None, False
         self.lrs = [g["lr"] for g in p.opt.param_groups]  # the learning-rate tensors the graph will read
         self.fallback: str | None = None   # why the step runs eagerly after all
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         if self.fallback is not None:
-            return super().__call__(x, y)
+            return super().__call__(idx)
         try:
             if self.graph is None and self.warmed < WARMUP:
-                return self._warm_up(x, y)
+                return self._warm_up(idx)
             if self.graph is None:
-                self._capture(x, y)
+                self._capture(idx)
         except Exception as e:
             if self.strict:
                 raise
-            self.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.fallback = _reason(e)
             self.kind = "eager"
             log.warning("CUDA graph capture failed, training eagerly from here on (train.cuda_graph=auto): %s",
                         self.fallback)
-            return super().__call__(x, y)
-        self.x.copy_(x)
-        self.y.copy_(y)
+            return super().__call__(idx)
+        if self.batch_inside:
+            self.idx.copy_(idx)
+        else:
+            x, y = self.batch(idx)
+            self.x.copy_(x)
+            self.y.copy_(y)
         self.graph.replay()
         return self.loss
 
@@ -109,27 +124,46 @@ class GraphStep(EagerStep):
                 lr.fill_(float(group["lr"]))
                 group["lr"] = lr
 
-    def _warm_up(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _warm_up(self, idx: torch.Tensor) -> torch.Tensor:
         if self.side is None:  # one side stream for all the warm-up steps
             self.side = torch.cuda.Stream(self.p.device)
         side = self.side
         side.wait_stream(torch.cuda.current_stream(self.p.device))
         with torch.cuda.stream(side):
-            loss = super().__call__(x, y)
+            loss = super().__call__(idx)
         torch.cuda.current_stream(self.p.device).wait_stream(side)
         self.warmed += 1
         return loss
 
-    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Record the step on static buffers holding this batch (recording runs nothing: replay below does)."""
-        self.x = x.contiguous(memory_format=self.p.fmt).clone(memory_format=self.p.fmt)
-        self.y = y.clone()
+    def _capture(self, idx: torch.Tensor) -> None:
+        """Record the step on static buffers (recording runs nothing: the replay in __call__ does): the batch's
+        indices, with the batch made inside the graph; should that capture fail, the batch itself."""
+        try:
+            self.idx = idx.clone()
+            self.graph = self._record(lambda: self.batch(self.idx), generators=[self.p.gen])
+            self.batch_inside = True
+        except Exception as e:  # train.cuda_graph=true too: it asks for a graph, and still gets one
+            log.warning("the batch could not be captured with the step (%s): it is made outside the graph",
+                        _reason(e))
+            drawn = self.p.gen.get_state()  # a batch to shape the buffers, its random draws given back:
+            self.x, self.y = (torch.empty_like(t) for t in self.batch(idx))  # __call__ makes this step's batch
+            self.p.gen.set_state(drawn)
+            self.graph = self._record(lambda: (self.x, self.y), generators=[])
+        log.info("training step captured as a CUDA graph after %d eager warm-up steps (the batch %s)",
+                 self.warmed, "inside it" if self.batch_inside else "made outside it")
+
+    def _record(self, batch: Any, generators: list[torch.Generator]) -> "torch.cuda.CUDAGraph":
         self.p.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
+        for gen in generators:  # besides the default generator, which every capture registers
+            graph.register_generator_state(gen)
         with torch.cuda.graph(graph):
-            self.loss = self.ops(self.x, self.y)
-        self.graph = graph
-        log.info("training step captured as a CUDA graph after %d eager warm-up steps", self.warmed)
+            self.loss = self.ops(*batch())
+        return graph
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def graph_blocker(cfg: Any, device: torch.device) -> str | None:

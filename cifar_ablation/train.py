@@ -145,16 +145,16 @@ Steps = Generator[torch.device, None, Any]  # yields the run's device after each
 
 
 def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> Steps:
-    """One pass over the training batches (batch tricks inside the loader), one p.step and one schedule step
-    per batch, yielding after each. Returns mean loss, accuracy, and (with time_first_step) the seconds of the
+    """One pass over the training batches, one p.step (which makes the batch from its indices: gather,
+    normalize, batch tricks) and one schedule step per batch, yielding after each. Returns mean loss, accuracy, and (with time_first_step) the seconds of the
     first step."""
     cfg, loader = p.cfg, p.train_loader
     t0 = last_print = time.perf_counter()
     first_step = None
     p.model.train()
     p.step.reset()
-    for i, (x, y) in enumerate(loader):
-        loss = p.step(x, y)
+    for i, idx in enumerate(loader.indices()):
+        loss = p.step(idx)
         p.step.schedule()
         if i == 0 and time_first_step:
             if p.device.type == "cuda":

@@ -170,6 +170,7 @@ fi
 # --- 5. the GPU tests, one at a time (each reports as it ends; skipped with their reason on a CPU) ------------
 if wanted tests; then
   for t in "tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve 60" \
+           "tests/test_gpu.py::test_the_batch_made_inside_the_graph_is_the_eager_batch 60" \
            "tests/test_gpu.py::test_a_training_step_never_waits_for_the_gpu 60" \
            "tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns 60" \
            "tests/test_gpu.py::test_a_killed_cuda_run_resumes_on_the_graph_path 120" \

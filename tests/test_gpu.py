@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA 
 CUDA = ["data=imagefolder", f"data.path={JPEG_ARCHIVE}", "data.subset=6400", "data.val_subset=1000", "device=cuda",
         "train.progress_every_s=0"]
 # Without dropout: a replayed graph draws dropout's random numbers from other generator offsets than eager
-# steps do, so only the dropout-free step can be compared step by step. Augmentation runs outside the graph.
+# steps do, so only the dropout-free step can be compared step by step. The batch tricks are made inside the
+# graph from the run's own generator, whose draws are checked exactly (test_the_batch_made_inside_...).
 NO_DROPOUT = "trick=[noise,batchnorm,l1l2,flip,crop]"
 
 
@@ -27,8 +28,8 @@ def step_losses(cfg, images, steps: int) -> list[float]:
     p.model.train()
     losses = []
     while len(losses) < steps:
-        for x, y in p.train_loader:
-            losses.append(p.step(x, y).item())
+        for idx in p.train_loader.indices():
+            losses.append(p.step(idx).item())
             p.step.schedule()
             if len(losses) == steps:
                 break
@@ -63,25 +64,58 @@ def test_a_training_step_never_waits_for_the_gpu(make_cfg, jpeg_cache, crop):
     cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "train.epochs=1", f"trick.crop.mode={crop}",
                    "trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]")
     p = setup(cfg, load_images(cfg.data), torch.device("cuda"))
-    batches = iter(p.train_loader)
+    batches = p.train_loader.indices()
     for _ in range(WARMUP + 2):  # warm-up and capture may synchronize (cuDNN's timing, the graph's setup)
-        p.step(*next(batches))
+        p.step(next(batches))
         p.step.schedule()
     assert p.step.kind == "cuda_graph"
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(20):
-            p.step(*next(batches))
+            p.step(next(batches))
             p.step.schedule()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("crop", ["resize", "translate"])
+def test_the_batch_made_inside_the_graph_is_the_eager_batch(make_cfg, jpeg_cache, crop):
+    """The batch tricks' random numbers come from the run's own generator, registered with the graph: each
+    replay must draw exactly what the eager ops draw, step after step, and leave the generator where they do
+    (so a checkpoint's generator state means the same on both paths)."""
+    cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "train.epochs=1", f"trick.crop.mode={crop}",
+                   "trick=[noise,flip,crop]")
+    p = setup(cfg, load_images(cfg.data), torch.device("cuda"))
+    loader, gen = p.train_loader, p.gen
+    idx = [i.clone() for _, i in zip(range(4), loader.indices())]
+    start = gen.get_state()
+    eager = [loader.batch(i)[0].clone() for i in idx]
+    after = gen.get_state()
+    static = idx[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (lazy initialization), its draws given back below
+        loader.batch(static)
+    torch.cuda.current_stream().wait_stream(side)
+    gen.set_state(start)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(gen)
+    with torch.cuda.graph(graph):
+        out, _ = loader.batch(static)
+    replayed = []
+    for i in idx:
+        static.copy_(i)
+        graph.replay()
+        replayed.append(out.clone())
+    assert all(torch.equal(a, b) for a, b in zip(eager, replayed))
+    assert torch.equal(gen.get_state(), after)
 
 
 def test_a_short_cuda_run_on_the_graph_path_learns(make_cfg, jpeg_cache, caplog):
     cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "trick=[batchnorm,dropout,flip,crop]", "train.epochs=4")
     with caplog.at_level(logging.INFO):
         metrics = train(cfg, load_images(cfg.data), device=torch.device("cuda"))
-    assert "training step captured as a CUDA graph" in caplog.text
+    assert "training step captured as a CUDA graph" in caplog.text and "(the batch inside it)" in caplog.text
     print(f"graph path, 4 epochs on 6,400 images: val_acc {metrics['val_acc']:.3f}, "
           f"{metrics['images_per_second']:,.0f} images/s")
     assert metrics["val_acc"] > 0.35, metrics

@@ -135,3 +135,49 @@ def test_the_graph_keeps_reading_its_learning_rate_tensor_whatever_the_scheduler
     p.sched = Assigning()
     step.schedule()
     assert p.opt.param_groups[0]["lr"] is captured and captured.item() == pytest.approx(0.0123)
+
+
+class Replayed:
+    """Stands in for a captured CUDA graph on the CPU: capture runs nothing (as on CUDA), each replay runs the
+    recorded step again on the static buffers and writes its loss into the tensor the capture returned."""
+
+    def __init__(self, step: GraphStep, batch, generators: list):
+        self.step, self.batch, self.generators = step, batch, generators
+        step.loss = torch.zeros(())
+
+    def replay(self) -> None:
+        self.step.p.opt.zero_grad(set_to_none=True)  # the captured backward writes the gradients, never adds
+        self.step.loss.copy_(self.step.ops(*self.batch()))
+
+
+@pytest.mark.parametrize("batch_captures", [True, False])
+def test_the_graph_path_feeds_its_static_buffers_exactly(make_cfg, monkeypatch, caplog, batch_captures):
+    """The plumbing around the graph, replayed on the CPU: warm-up steps, then one capture whose only input is a
+    copy of the batch's indices (the batch made inside, from the run's own generator, registered with the graph),
+    or, should the batch fail to capture, the batch copied into static buffers. Either way exactly the numbers
+    of the eager path, epoch after epoch (the indices of each new permutation reach the graph)."""
+    cfg, images = make_cfg(*SMALL, "trick=[batchnorm,dropout,l1l2,flip,crop,noise]", "train.epochs=3"), random_images()
+    eager = setup(cfg, images, torch.device("cpu"))
+    reference = [run_through(train_epoch(eager, e)) for e in (1, 2, 3)]
+
+    def record(self, batch, generators):
+        if generators and not batch_captures:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        assert generators == ([self.p.gen] if generators else [])
+        return Replayed(self, batch, generators)
+
+    def warm_up(self, idx):  # the same eager step, without the side stream the CPU lacks
+        self.warmed += 1
+        return EagerStep.__call__(self, idx)
+
+    monkeypatch.setattr(GraphStep, "_record", record)
+    monkeypatch.setattr(GraphStep, "_warm_up", warm_up)
+    p = setup(cfg, images, torch.device("cpu"))
+    p.step = GraphStep(p, strict=True)
+    with caplog.at_level(logging.INFO):
+        assert [run_through(train_epoch(p, e)) for e in (1, 2, 3)] == reference
+    assert p.step.kind == "cuda_graph" and p.step.batch_inside is batch_captures
+    assert ("the batch could not be captured" in caplog.text) is not batch_captures
+    assert ("captured as a CUDA graph after 3 eager warm-up steps (the batch inside it)" in caplog.text) \
+        is batch_captures
+    assert all(torch.equal(a, b) for a, b in zip(eager.model.state_dict().values(), p.model.state_dict().values()))

@@ -167,19 +167,26 @@ elif wanted forms && [ "$(left)" -gt 30 ]; then
   [ $r1 = 0 ] && [ $r2 = 0 ] && mkdir -p "$WORK/done" && touch "$WORK/done/forms"
   log "== forms: $([ -e "$WORK/done/forms" ] && echo done || echo 'cut or failed (the next call runs what is left)')"
 fi
-# --- 5. the GPU tests, one at a time (each reports as it ends; skipped with their reason on a CPU) ------------
+# --- 5. the GPU tests, one at a time (each reports as it ends); --tiny: all in one pytest call (on a CPU each is
+# skipped with its reason, and one start of pytest costs ~5 s here)
 if wanted tests; then
-  for t in "tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve 60" \
-           "tests/test_gpu.py::test_the_batch_made_inside_the_graph_is_the_eager_batch 60" \
-           "tests/test_gpu.py::test_a_training_step_never_waits_for_the_gpu 60" \
-           "tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns 60" \
-           "tests/test_gpu.py::test_a_killed_cuda_run_resumes_on_the_graph_path 120" \
-           "tests/test_gpu.py::test_runs_side_by_side_on_streams_train_as_they_do_alone 120" \
-           "tests/test_learning.py::test_cuda_path_learns_clearly_above_chance 60" \
-           "tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change 60"; do
-    set -- $t
-    step "test ${1##*::}" "$2" $PY -m pytest -q -p no:cacheprovider -rA --tb=short -s "$1"
-  done
+  TESTS=(tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve:60
+         tests/test_gpu.py::test_the_batch_made_inside_the_graph_is_the_eager_batch:60
+         tests/test_gpu.py::test_a_training_step_never_waits_for_the_gpu:60
+         tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns:60
+         tests/test_gpu.py::test_a_killed_cuda_run_resumes_on_the_graph_path:120
+         tests/test_gpu.py::test_runs_side_by_side_on_streams_train_as_they_do_alone:120
+         tests/test_learning.py::test_cuda_path_learns_clearly_above_chance:60
+         tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change:60)
+  PYTEST=($PY -m pytest -q -p no:cacheprovider -rA --tb=short -s)
+  if [ $TINY = 1 ]; then
+    step "gpu tests" 120 "${PYTEST[@]}" "${TESTS[@]%:*}"
+  else
+    for t in "${TESTS[@]}"; do  # test_file::name:seconds
+      id=${t%:*}
+      step "test ${id##*::}" "${t##*:}" "${PYTEST[@]}" "$id"
+    done
+  fi
 fi
 
 save

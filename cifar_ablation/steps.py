@@ -137,14 +137,16 @@ class GraphStep(EagerStep):
 
     def _capture(self, idx: torch.Tensor) -> None:
         """Record the step on static buffers (recording runs nothing: the replay in __call__ does): the batch's
-        indices, with the batch made inside the graph; should that capture fail, the batch itself."""
+        indices, with the batch made inside the graph; should that capture fail, the batch itself (with
+        train.cuda_graph=true too: it asks for a graph, and still gets one)."""
+        self.idx = idx.clone()
         try:
-            self.idx = idx.clone()
             self.graph = self._record(lambda: self.batch(self.idx), generators=[self.p.gen])
             self.batch_inside = True
-        except Exception as e:  # train.cuda_graph=true too: it asks for a graph, and still gets one
-            log.warning("the batch could not be captured with the step (%s): it is made outside the graph",
-                        _reason(e))
+        except Exception as e:
+            why = _reason(e)  # retried below, once the failed graph and its traceback are gone
+        if not self.batch_inside:
+            log.warning("the batch could not be captured with the step (%s): it is made outside the graph", why)
             drawn = self.p.gen.get_state()  # a batch to shape the buffers, its random draws given back:
             self.x, self.y = (torch.empty_like(t) for t in self.batch(idx))  # __call__ makes this step's batch
             self.p.gen.set_state(drawn)

@@ -39,6 +39,15 @@ class Images:
     source: str            # what was read: a path or "cifar10:<root>"
     checksum: str          # sha256 of the source (archive bytes, or every file's name and bytes)
     _stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    _copies: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """train_x, train_y, test_x, test_y on `device`, copied there once per object: the runs that one process
+        trains (the streams launcher's, a basic launcher's in turn) share them, read-only."""
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = tuple(t.to(device) for t in (self.train_x, self.train_y, self.test_x, self.test_y))
+        return self._copies[key]
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std of the training images, in [0, 1] units (computed once per object)."""

@@ -110,9 +110,10 @@ def setup(cfg: Any, images: Images, device: torch.device) -> Parts:
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build(cfg, images).to(device, memory_format=fmt)
     mean, std = images.channel_stats()
-    train_loader = DeviceLoader(images.train_x, images.train_y, mean, std, cfg.train.batch_size, device,
+    train_x, train_y, test_x, test_y = images.on(device)
+    train_loader = DeviceLoader(train_x, train_y, mean, std, cfg.train.batch_size, device,
                                 train=True, gen=gen, augment=lambda x: tricks.augment(x, cfg.trick, gen))
-    val_loader = DeviceLoader(images.test_x, images.test_y, mean, std, cfg.train.eval_batch_size, device)
+    val_loader = DeviceLoader(test_x, test_y, mean, std, cfg.train.eval_batch_size, device)
     capture = captures(cfg, device)  # a captured step needs a capturable optimizer with a tensor lr
     opt, sched = make_optimizer(model, cfg.optim, cfg.train.epochs * len(train_loader), graph=capture)
     forward = torch.compile(model) if cfg.train.compile else model

@@ -59,6 +59,10 @@ def test_decoded_once_then_read_from_cache(tmp_path, imagefolder):
     mtime = files[0].stat().st_mtime_ns
     again = load_images(cfg)
     assert files[0].stat().st_mtime_ns == mtime and torch.equal(first.train_x, again.train_x)
+    meta = torch.device("meta")  # a device other than the CPU, without one: copied there once, then shared
+    copies = again.on(meta)
+    assert copies[0].device == meta and copies[0].shape == again.train_x.shape
+    assert all(a is b for a, b in zip(again.on(meta), copies))
 
 
 def test_corrupt_cache_is_rebuilt_not_trusted(tmp_path, imagefolder):

@@ -109,12 +109,16 @@ class Gang:
 
     def __init__(self) -> None:
         self.members: list[Member] = []
-        self.steps, self.started = 0, time.perf_counter()
+        self.steps, self.started, self.cpu = 0, time.perf_counter(), time.process_time()
 
     def pace(self) -> str:
-        """The training steps taken so far, all members together, and their rate since the gang began."""
+        """The training steps taken so far, all members together, and their rate since the gang began; and the
+        process's CPU time over that wall time: near 100 % the one launching thread may be what limits the
+        gang (the GPU's own utilization tells the rest: experiments/gpu_run.sh logs it)."""
         wall = time.perf_counter() - self.started
-        return f"{self.steps:,} training steps in {wall:.0f} s, {self.steps / max(wall, 1e-9):,.0f} steps/s in all"
+        busy = (time.process_time() - self.cpu) / max(wall, 1e-9)
+        return (f"{self.steps:,} training steps in {wall:.0f} s, {self.steps / max(wall, 1e-9):,.0f} steps/s in all; "
+                f"CPU {100 * busy:.0f} % of one core")
 
     def add(self, m: Member | None) -> None:
         if m is not None:

@@ -57,10 +57,32 @@ step() {
   start=$(date +%s)
   timeout --signal=TERM --kill-after=15 "$limit" "$@" >>"$LOG" 2>&1
   rc=$?
-  log "== $name: exit $rc after $(( $(date +%s) - start ))s"
+  log "== $name: exit $rc after $(( $(date +%s) - start ))s$(gpu_use "$start")"
   [ $rc = 0 ] && [ "$name" != report ] && mkdir -p "$WORK/done" && touch "$mark"
   return $rc
 }
+
+# The GPU's utilization every 2 s while the script runs (nvidia-smi, where there is one), summed up per step:
+# with the gang's CPU line (the launcher's pace), it says whether the GPU or the launching thread held the runs back.
+GPU_USE=$WORK/gpu_use.csv
+gpu_use() {  # gpu_use START: ", GPU busy mean X % (max Y %), memory up to Z MiB" over the samples since START
+  [ -s "$GPU_USE" ] || return 0
+  awk -F', *' -v t="$1" '$1 >= t { n++; u += $2; if ($2 > m) m = $2; if ($3 > mem) mem = $3 }
+    END { if (n) printf ", GPU busy mean %.0f %% (max %d %%), memory up to %d MiB, %d samples", u / n, m, mem, n }' "$GPU_USE"
+}
+if command -v nvidia-smi >/dev/null; then
+  ( while :; do
+      echo "$(date +%s), $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -i 0)"
+      sleep 2
+    done >>"$GPU_USE" 2>/dev/null ) &
+  SAMPLER=$!
+fi
+MPS_ON=0
+cleanup() {
+  [ -n "${SAMPLER:-}" ] && kill "$SAMPLER" 2>/dev/null
+  [ $MPS_ON = 1 ] && echo quit | nvidia-cuda-mps-control
+}
+trap cleanup EXIT
 
 # --- 1. environment: Hydra and MLflow from the carried wheels where missing; the data; MPS ------------------
 if ! $PY -c "import hydra, mlflow" 2>/dev/null; then
@@ -85,7 +107,7 @@ if [ $TINY = 0 ] && [ "${MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control >/
   if nvidia-cuda-mps-control -d 2>>"$LOG" || [ -S "$CUDA_MPS_PIPE_DIRECTORY/control" ]; then
     if timeout 60 $PY -c "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" >>"$LOG" 2>&1; then
       log "MPS: on (the runs' kernels share the GPU)"
-      trap 'echo quit | nvidia-cuda-mps-control' EXIT
+      MPS_ON=1
     else
       log "MPS: a CUDA client failed under it; going on without"
       echo quit | nvidia-cuda-mps-control
@@ -158,6 +180,7 @@ if wanted forms && [ -e "$WORK/done/forms" ]; then
   log "== forms: done in an earlier call"
 elif wanted forms && [ "$(left)" -gt 30 ]; then
   log "== forms (at most $(left)s): crop=resize at capacity x4, crop=translate at capacity x2"
+  FORMS_START=$(date +%s)
   form "$(left)" trick.crop.mode=resize trick.capacity.width_mult=4 trick.capacity.dense_mult=2
   p1=$!
   form "$(left)" trick.crop.mode=translate trick.capacity.width_mult=2 trick.capacity.dense_mult=2
@@ -165,7 +188,7 @@ elif wanted forms && [ "$(left)" -gt 30 ]; then
   wait $p1; r1=$?
   wait $p2; r2=$?
   [ $r1 = 0 ] && [ $r2 = 0 ] && mkdir -p "$WORK/done" && touch "$WORK/done/forms"
-  log "== forms: $([ -e "$WORK/done/forms" ] && echo done || echo 'cut or failed (the next call runs what is left)')"
+  log "== forms: $([ -e "$WORK/done/forms" ] && echo done || echo 'cut or failed (the next call runs what is left)')$(gpu_use "$FORMS_START")"
 fi
 # --- 5. the GPU tests, one at a time (each reports as it ends); --tiny: all in one pytest call (on a CPU each is
 # skipped with its reason, and one start of pytest costs ~5 s here)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,8 +17,13 @@ from .conftest import ROOT
 @pytest.mark.slow
 def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
     out = tmp_path / "out"
+    smi = tmp_path / "bin" / "nvidia-smi"  # stands in for the GPU machine's: utilization %, memory MiB
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho '37, 1234'\n")
+    smi.chmod(0o755)
     env = {**os.environ, "PYTHON": sys.executable, "DATA": str(imagefolder("tar", per_class=80)),
-           "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1", "GPU_RUN_BUDGET": "400"}
+           "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1", "GPU_RUN_BUDGET": "400",
+           "PATH": f"{smi.parent}:{os.environ['PATH']}"}
     res = subprocess.run(["bash", "experiments/gpu_run.sh", "--tiny", str(out)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     log = (out / "run.log").read_text()
@@ -26,6 +32,8 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
         assert f"== {step}: exit 0" in log or f"== {step}: done" in log, step
     assert "10 skipped" in log  # the GPU tests (2 parametrized twice), with their reason, on a CPU
     assert "Launching 27 jobs in this process, 2 at a time on their own streams" in log  # the ladder's launcher
+    assert re.search(r"== ladder: exit 0 after \d+s, GPU busy mean 37 % \(max 37 %\), memory up to 1234 MiB", log)
+    assert re.search(r"streams: [\d,]+ training steps in \d+ s, [\d,]+ steps/s in all; CPU \d+ % of one core", log)
     bench = json.loads((out / "bench.json").read_text())
     assert bench["side_by_side"]["aggregate_images_per_second"] > 0 and bench["concurrent"]["runs"] == 2
     files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -40,6 +41,24 @@ def make_cfg():
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
     return make
+
+
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, made by MLflow once per session: making one (schema and migrations) takes
+    ~2.5 s, paid otherwise by each test's first process."""
+    db = tmp_path_factory.mktemp("store") / "empty.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments(max_results=1)
+    return db
+
+
+@pytest.fixture
+def tracking_db(tmp_path, _empty_store) -> Path:
+    """This test's own new, empty tracking store: tmp_path/m.db, a copy of the session's empty store. (Tests of
+    a store's creation itself point at a path with no file.)"""
+    db = tmp_path / "m.db"
+    shutil.copyfile(_empty_store, db)
+    return db
 
 
 def synthetic_images(per_class: int, seed: int = 0) -> dict[str, list[tuple[str, np.ndarray]]]:

@@ -77,8 +77,8 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
     assert len([r for r in runs if r.data.tags[ROLE] == JOB]) == 6
 
 
-def test_bad_input_fails_before_training_and_leaves_no_run(tmp_path):
-    db = tmp_path / "m.db"
+def test_bad_input_fails_before_training_and_leaves_no_run(tmp_path, tracking_db):
+    db = tracking_db
     res = run_cli(["trick=[bogus]", f"mlflow.tracking_uri=sqlite:///{db}"], tmp_path)
     assert res.returncode != 0
     assert "bogus" in res.stderr and "l1l2, noise" in res.stderr and "instancenorm, " in res.stderr
@@ -96,8 +96,8 @@ def test_bad_input_fails_before_training_and_leaves_no_run(tmp_path):
     ("leave_one_out", ["all tricks", "without noise", "without flip"]),
     ("one_at_a_time", ["baseline", "+ noise", "+ flip"]),
 ])
-def test_each_design_sweeps_and_reports(tmp_path, imagefolder, capsys, design, rows):
-    db = tmp_path / "m.db"
+def test_each_design_sweeps_and_reports(tmp_path, imagefolder, capsys, design, rows, tracking_db):
+    db = tracking_db
     res = run_cli([f"experiment={design}", "ablation.order=[noise,flip]", "seed=0,1", *TINY, "data=imagefolder",
                    f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/cache",
                    f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=design"], tmp_path)
@@ -110,10 +110,10 @@ def test_each_design_sweeps_and_reports(tmp_path, imagefolder, capsys, design, r
     assert (tmp_path / f"{design}.md").exists() and (tmp_path / f"{design}_accuracy.png").exists()
 
 
-def test_a_sweep_report_holds_the_runs_it_reused(tmp_path, imagefolder, capsys):
+def test_a_sweep_report_holds_the_runs_it_reused(tmp_path, imagefolder, capsys, tracking_db):
     """A ladder, then a leave-one-out over the same order in the same experiment: the second sweep trains only
     what the first did not, and its report still holds every row of its design (the reused runs too)."""
-    db = tmp_path / "m.db"
+    db = tracking_db
     common = [*TINY, "ablation.order=[noise,flip]", "data=imagefolder", f"data.path={imagefolder('tar', per_class=80)}",
               f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=mix"]
     assert run_cli(["experiment=ladder", *common], tmp_path).returncode == 0   # [], [noise], [noise,flip]
@@ -133,8 +133,8 @@ def test_a_sweep_report_holds_the_runs_it_reused(tmp_path, imagefolder, capsys):
 
 
 @pytest.mark.slow
-def test_factorial_sweep_reports_effects_and_shapley_values(tmp_path, imagefolder, capsys):
-    db = tmp_path / "m.db"
+def test_factorial_sweep_reports_effects_and_shapley_values(tmp_path, imagefolder, capsys, tracking_db):
+    db = tracking_db
     res = run_cli(["experiment=factorial", "ablation.order=[batchnorm,flip,noise]", "seed=0,1", *TINY,
                    "data=imagefolder", f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/c",
                    f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=fact"], tmp_path)
@@ -150,14 +150,14 @@ def test_factorial_sweep_reports_effects_and_shapley_values(tmp_path, imagefolde
         assert (tmp_path / "r" / f"factorial_{fig}.png").stat().st_size > 5000, fig
 
 
-def test_a_full_factorial_of_more_than_six_tricks_is_refused(tmp_path):
-    res = run_cli(["experiment=factorial", "mlflow.tracking_uri=sqlite:///" + str(tmp_path / "m.db")], tmp_path)
+def test_a_full_factorial_of_more_than_six_tricks_is_refused(tmp_path, tracking_db):
+    res = run_cli(["experiment=factorial", "mlflow.tracking_uri=sqlite:///" + str(tracking_db)], tmp_path)
     assert res.returncode != 0 and "ablation.order" in res.stderr and "at most 6 tricks" in res.stderr
 
 
 @pytest.mark.slow
-def test_a_resolution_iv_fraction_of_all_eight_tricks_launches_and_names_its_aliases(tmp_path, imagefolder, capsys):
-    db = tmp_path / "m.db"
+def test_a_resolution_iv_fraction_of_all_eight_tricks_launches_and_names_its_aliases(tmp_path, imagefolder, capsys, tracking_db):
+    db = tracking_db
     res = run_cli(["experiment=factorial", "ablation.fraction=4", *TINY, "train.epochs=1", "data=imagefolder",
                    f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/c",
                    f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=frac"], tmp_path)
@@ -176,9 +176,9 @@ def test_a_resolution_iv_fraction_of_all_eight_tricks_launches_and_names_its_ali
     assert "### Shapley values (from the fitted model" in out
 
 
-def test_two_configurations_of_one_trick_set_are_two_rows_not_two_seeds(tmp_path, imagefolder, capsys):
+def test_two_configurations_of_one_trick_set_are_two_rows_not_two_seeds(tmp_path, imagefolder, capsys, tracking_db):
     """The user's flow: a sweep, then the same trick set with other settings, then `report --sweep all`."""
-    db = tmp_path / "m.db"
+    db = tracking_db
     common = [*TINY, "data=imagefolder", f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/c",
               f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=two"]
     assert run_cli(["-m", "trick=[],[noise]", *common], tmp_path).returncode == 0

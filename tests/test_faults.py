@@ -44,8 +44,8 @@ def wait_for(proc: subprocess.Popen, text: str, timeout: float = 180) -> str:
     raise AssertionError(f"process ended before printing {text!r}:\n" + "".join(seen))
 
 
-def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data):
-    db = tmp_path / "m.db"
+def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data, tracking_db):
+    db = tracking_db
     args = [*SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}"]
     proc = start([*args, "mlflow.experiment=resume"], tmp_path)
     wait_for(proc, "epoch 2/4")
@@ -72,8 +72,8 @@ def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data)
         assert resumed.data.metrics[key] == reference.data.metrics[key], key  # exact, on CPU
 
 
-def test_sigterm_and_sigint_leave_the_run_killed(tmp_path, slow_data):
-    db = tmp_path / "m.db"
+def test_sigterm_and_sigint_leave_the_run_killed(tmp_path, slow_data, tracking_db):
+    db = tracking_db
     for sig in (signal.SIGTERM, signal.SIGINT):
         args = [*SLOW, *slow_data, "train.epochs=50", f"mlflow.tracking_uri=sqlite:///{db}",
                 f"mlflow.experiment={sig.name}"]
@@ -90,8 +90,8 @@ def test_sigterm_and_sigint_leave_the_run_killed(tmp_path, slow_data):
         assert "interrupted by signal" in runs[0].data.tags["failure_reason"]
 
 
-def test_diverging_job_fails_with_reason_and_the_sweep_goes_on(tmp_path, imagefolder, capsys):
-    db = tmp_path / "m.db"
+def test_diverging_job_fails_with_reason_and_the_sweep_goes_on(tmp_path, imagefolder, capsys, tracking_db):
+    db = tracking_db
     data = imagefolder("tar", per_class=80)
     res = run_cli(["-m", "optim.lr=1e30,0.001", *TINY, "data=imagefolder", f"data.path={data}",
                    f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{db}",
@@ -116,8 +116,8 @@ def test_diverging_job_fails_with_reason_and_the_sweep_goes_on(tmp_path, imagefo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA out-of-memory needs a CUDA device")
-def test_cuda_out_of_memory_fails_saying_what_to_change(tmp_path, imagefolder):
-    db = tmp_path / "m.db"
+def test_cuda_out_of_memory_fails_saying_what_to_change(tmp_path, imagefolder, tracking_db):
+    db = tracking_db
     # one 4096-channel block on 4096 images at once: ~64 GiB per activation, more than any single GPU here
     res = run_cli(["model.widths=[4096]", "model.convs_per_block=2", "train.batch_size=4096", "train.epochs=1",
                    "device=cuda", "data=imagefolder", f"data.path={imagefolder('tar', per_class=1400)}",
@@ -131,10 +131,10 @@ def test_cuda_out_of_memory_fails_saying_what_to_change(tmp_path, imagefolder):
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_parallel_launcher_leaves_no_sweep_running(tmp_path, slow_data):
+def test_sigterm_to_a_parallel_launcher_leaves_no_sweep_running(tmp_path, slow_data, tracking_db):
     """The launching process of a joblib sweep gets SIGTERM (a scheduler's kill, `kill PID`): its sweep run is
     closed FAILED with the jobs' states, not left RUNNING; a relaunch then resumes the interrupted jobs."""
-    db = tmp_path / "m.db"
+    db = tracking_db
     args = ["-m", "seed=0,1", "hydra/launcher=parallel", "jobs_per_device=2", *SLOW, *slow_data, "train.epochs=30",
             f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=term"]
     proc = start(args, tmp_path)
@@ -147,11 +147,11 @@ def test_sigterm_to_a_parallel_launcher_leaves_no_sweep_running(tmp_path, slow_d
 
 
 @pytest.mark.slow
-def test_ctrl_c_then_relaunch_gathers_the_resumed_runs_into_the_new_sweep(tmp_path, slow_data, capsys):
+def test_ctrl_c_then_relaunch_gathers_the_resumed_runs_into_the_new_sweep(tmp_path, slow_data, capsys, tracking_db):
     """A 2-job parallel sweep stopped with Ctrl-C (SIGINT to the terminal's whole process group), then the same
     command again: both runs resume, finish with every epoch once, nest under the new sweep, and its report
     holds both configurations."""
-    db = tmp_path / "m.db"
+    db = tracking_db
     args = ["-m", "trick=[],[flip]", "hydra/launcher=parallel", "jobs_per_device=2", *SLOW, *slow_data,
             "train.epochs=8", f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=relaunch"]
 

@@ -121,11 +121,11 @@ def test_a_short_cuda_run_on_the_graph_path_learns(make_cfg, jpeg_cache, caplog)
     assert metrics["val_acc"] > 0.35, metrics
 
 
-def test_a_killed_cuda_run_resumes_on_the_graph_path(tmp_path, jpeg_cache):
+def test_a_killed_cuda_run_resumes_on_the_graph_path(tmp_path, jpeg_cache, tracking_db):
     """SIGKILL mid-run, relaunch: the same run resumes from its checkpoint and logs each epoch once. On CUDA
     the state is restored exactly (weights, optimizer, schedule, every RNG) but cuDNN's backward is not
     bitwise deterministic, so the final numbers are compared within a tolerance, not exactly."""
-    db = tmp_path / "m.db"
+    db = tracking_db
     args = [*CUDA, f"data.cache_dir={jpeg_cache}", "trick=[batchnorm,flip]", "train.epochs=6",
             f"mlflow.tracking_uri=sqlite:///{db}"]
     proc = start([*args, "mlflow.experiment=resume"], tmp_path)
@@ -148,13 +148,13 @@ def test_a_killed_cuda_run_resumes_on_the_graph_path(tmp_path, jpeg_cache):
     assert gap < 0.03
 
 
-def test_runs_side_by_side_on_streams_train_as_they_do_alone(tmp_path, jpeg_cache):
+def test_runs_side_by_side_on_streams_train_as_they_do_alone(tmp_path, jpeg_cache, tracking_db):
     """hydra/launcher=streams on CUDA: three graph-path runs with dropout share one process, each on its own
     stream with its own CUDA generator state. Exact: every generator's state in each run's last checkpoint equals
     the run's state alone (so no run drew from another's dropout stream). Within cuDNN's noise: val_acc."""
     from cifar_ablation.jobrun import JobRun
 
-    db = tmp_path / "m.db"
+    db = tracking_db
     args = ["-m", "trick=[dropout],[batchnorm,dropout],[batchnorm,dropout,flip,crop]", *CUDA,
             f"data.cache_dir={jpeg_cache}", "train.epochs=3", f"mlflow.tracking_uri=sqlite:///{db}"]
     together = run_cli([*args, "hydra/launcher=streams", "jobs_per_device=3", "mlflow.experiment=together"],

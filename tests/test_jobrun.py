@@ -47,10 +47,10 @@ def test_claim_run(earlier, force, action, run_id):
     assert (c.run.info.run_id if c.run is not None else None) == run_id
 
 
-def test_an_epoch_is_written_in_the_background_from_a_copy_then_flushed(tmp_path):
+def test_an_epoch_is_written_in_the_background_from_a_copy_then_flushed(tmp_path, tracking_db):
     """end_epoch returns before its writes land and training may change its tensors at once: what lands is the
     state as it was at the end of the epoch, checkpoint and metrics both, by the time flush() returns."""
-    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    client = MlflowClient(f"sqlite:///{tracking_db}")
     run_id = client.create_run(client.create_experiment("bg")).info.run_id
     jr = JobRun(client, run_id)
     weights = torch.zeros(1000)

@@ -46,8 +46,8 @@ def test_eight_concurrent_jobs_into_a_brand_new_sqlite_store(tmp_path, imagefold
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher(tmp_path, imagefolder):
-    db = tmp_path / "m.db"
+def test_submitit_local_launcher(tmp_path, imagefolder, tracking_db):
+    db = tracking_db
     res = run_cli(["-m", "seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                    *tiny_args(tmp_path, imagefolder("tar", per_class=80), f"sqlite:///{db}", "submitit")],
                   tmp_path, env=ONE_THREAD)

@@ -18,8 +18,8 @@ SLIDE = {"baseline": "80.2", "noise": "80.9", "batchnorm": "82.0", "flip": "90.7
 
 
 @pytest.fixture
-def store(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'r.db'}")
+def store(tmp_path, tracking_db):
+    client = MlflowClient(f"sqlite:///{tracking_db}")
 
     def add(experiment: str, runs: dict[tuple, list[float]], design: str = "ladder", sweep: str = "s1",
             failed: dict[tuple, str] | None = None, order: list[str] = ORDER):
@@ -108,7 +108,7 @@ def test_report_cli_writes_files_and_a_report_run(store, capsys):
     client, add, tmp = store
     add("cli", {(): [80, 81], ("noise",): [81, 82]})
     add("cli2", {(): [70, 71], ("noise",): [75, 76]})
-    uri = f"sqlite:///{tmp / 'r.db'}"
+    uri = f"sqlite:///{tmp / 'm.db'}"
     assert main(["--tracking-uri", uri, "--experiment", "cli", "--out", str(tmp / "out")]) == 0
     out = capsys.readouterr().out
     assert "| 1 | noise | 2 | 81.50 ± 0.71 |" in out and "Welch" in out
@@ -202,7 +202,7 @@ def test_attribution_puts_every_designs_answer_side_by_side(store, capsys):
             for seed, noise in enumerate((-0.5, 0.5)):
                 job(client, exp, ",".join(s) or "baseline", seed, acc[s] + noise,
                     {"ablation.order": order, "trick": "{}"}, sweep=parent, design=design)
-    assert main(["--tracking-uri", f"sqlite:///{tmp / 'r.db'}", "--experiment", "attr", "--attribution",
+    assert main(["--tracking-uri", f"sqlite:///{tmp / 'm.db'}", "--experiment", "attr", "--attribution",
                  "--out", str(tmp / "a")]) == 0
     out = capsys.readouterr().out
     header, _, bn, flip = [ln for ln in out.splitlines() if ln.startswith("|")]

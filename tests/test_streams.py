@@ -24,8 +24,8 @@ def jobs_by(runs, key: str) -> dict[str, object]:
     return {r.data.tags[key]: r for r in runs if r.data.tags[ROLE] == JOB}
 
 
-def test_runs_side_by_side_give_what_they_give_alone_and_fail_alone(tmp_path, slow_data):
-    db = tmp_path / "m.db"
+def test_runs_side_by_side_give_what_they_give_alone_and_fail_alone(tmp_path, slow_data, tracking_db):
+    db = tracking_db
     common = [*SLOW, *slow_data, "train.epochs=3", f"mlflow.tracking_uri=sqlite:///{db}"]
     res = run_cli(["-m", TRICKS, "optim.lr=0.001,1e30", "hydra/launcher=streams", "jobs_per_device=4", *common,
                    "mlflow.experiment=together", "hydra.sweep.dir=together"], tmp_path)
@@ -56,8 +56,8 @@ def test_runs_side_by_side_give_what_they_give_alone_and_fail_alone(tmp_path, sl
         assert len(epochs) == (3 if num in (0, 2) else 0), epochs  # jobs 1 and 3: lr 1e30, NaN in epoch 1
 
 
-def test_ctrl_c_kills_every_run_of_the_gang_and_the_relaunch_resumes_them_exactly(tmp_path, slow_data):
-    db = tmp_path / "m.db"
+def test_ctrl_c_kills_every_run_of_the_gang_and_the_relaunch_resumes_them_exactly(tmp_path, slow_data, tracking_db):
+    db = tracking_db
     args = ["-m", TRICKS, "hydra/launcher=streams", "jobs_per_device=2", *SLOW, *slow_data,
             f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=gang"]
     proc = start(args, tmp_path)
@@ -98,9 +98,9 @@ def test_ctrl_c_kills_every_run_of_the_gang_and_the_relaunch_resumes_them_exactl
     assert newest.info.status == "FINISHED" and newest.data.tags["job_states"] == "FINISHED: 3"
 
 
-def test_sigterm_to_a_streams_sweep_leaves_every_run_killed_and_the_sweep_failed(tmp_path, slow_data):
+def test_sigterm_to_a_streams_sweep_leaves_every_run_killed_and_the_sweep_failed(tmp_path, slow_data, tracking_db):
     """kill (or SLURM's scancel) while several runs share the process: each run, and the sweep, says so."""
-    db = tmp_path / "m.db"
+    db = tracking_db
     proc = start(["-m", TRICKS, "hydra/launcher=streams", "jobs_per_device=2", *SLOW, *slow_data, "train.epochs=50",
                   f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=term"], tmp_path)
     wait_for(proc, "epoch 1/50")
@@ -114,10 +114,10 @@ def test_sigterm_to_a_streams_sweep_leaves_every_run_killed_and_the_sweep_failed
 
 
 def test_a_bad_value_in_one_job_stops_the_sweep_with_one_error_and_the_runs_training_resume_later(tmp_path,
-                                                                                                   slow_data):
+                                                                                                   slow_data, tracking_db):
     """Validation is per job: the second job's epochs=0 is found when it joins, while the first trains. The
     sweep stops with the one `error:` line; the first run ends KILLED, saying why, and resumes on relaunch."""
-    db = tmp_path / "m.db"
+    db = tracking_db
     common = [*SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=bad"]
     res = run_cli(["-m", "hydra/launcher=streams", "jobs_per_device=2", *common, "train.epochs=2,0"], tmp_path)
     assert res.returncode != 0

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(
     "(as root, with apt-get); elsewhere this test cannot run")
 
 
-def test_the_ui_opens_on_the_sweep_its_jobs_and_its_report(tmp_path, imagefolder):
-    db = tmp_path / "m.db"
+def test_the_ui_opens_on_the_sweep_its_jobs_and_its_report(tmp_path, imagefolder, tracking_db):
+    db = tracking_db
     uri = f"sqlite:///{db}"
     res = run_cli(["-m", "trick=[],[flip]", "seed=0", *TINY, "train.epochs=1", "data=imagefolder",
                    f"data.path={imagefolder('tar', per_class=40)}", f"mlflow.tracking_uri={uri}",

@@ -13,8 +13,9 @@ set to None before capture so that backward allocates them from the graph's pool
 is off. Random numbers stay graph-safe: dropout draws from the device's default generator, which every capture
 registers, and the batch tricks from the run's own generator, registered with the graph here; each replay
 advances both generators' offsets as the eager ops would. Inside the graph the batch is 38 ops with the
-translate crop and 70 with crop-and-resize (counted on the CPU, tests/test_steps.py), which would otherwise be
-launched from Python every step; the step's only input is then a copy of the batch's indices. Should the
+translate crop and 70 with crop-and-resize (the top rung's tricks, counted on the CPU: experiments/slide_ladder/
+NOTES.md), which would otherwise be launched from Python every step; the step's only input is then a copy of
+the batch's indices. Should the
 batch fail to capture, the step is captured without it (the loader's batch copied into static buffers).
 """
 from __future__ import annotations

@@ -147,8 +147,8 @@ Steps = Generator[torch.device, None, Any]  # yields the run's device after each
 
 def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> Steps:
     """One pass over the training batches, one p.step (which makes the batch from its indices: gather,
-    normalize, batch tricks) and one schedule step per batch, yielding after each. Returns mean loss, accuracy, and (with time_first_step) the seconds of the
-    first step."""
+    normalize, batch tricks) and one schedule step per batch, yielding after each. Returns mean loss, accuracy,
+    and (with time_first_step) the seconds of the first step."""
     cfg, loader = p.cfg, p.train_loader
     t0 = last_print = time.perf_counter()
     first_step = None

@@ -141,8 +141,8 @@ class Replayed:
     """Stands in for a captured CUDA graph on the CPU: capture runs nothing (as on CUDA), each replay runs the
     recorded step again on the static buffers and writes its loss into the tensor the capture returned."""
 
-    def __init__(self, step: GraphStep, batch, generators: list):
-        self.step, self.batch, self.generators = step, batch, generators
+    def __init__(self, step: GraphStep, batch):
+        self.step, self.batch = step, batch
         step.loss = torch.zeros(())
 
     def replay(self) -> None:
@@ -164,7 +164,7 @@ def test_the_graph_path_feeds_its_static_buffers_exactly(make_cfg, monkeypatch, 
         if generators and not batch_captures:
             raise RuntimeError("operation not permitted when stream is capturing")
         assert generators == ([self.p.gen] if generators else [])
-        return Replayed(self, batch, generators)
+        return Replayed(self, batch)
 
     def warm_up(self, idx):  # the same eager step, without the side stream the CPU lacks
         self.warmed += 1

@@ -3,9 +3,10 @@ CUDA stream (the engine: cifar_ablation/streams.py). Hydra finds launchers only 
 hence this file; it is light to import (Hydra imports every plugin to list them).
 
 It runs cifar-ablation's jobs (cifar_ablation.job.job_steps, the generator form of the app's task), not an
-arbitrary task function. Each job is started as Hydra's basic launcher starts one (run_job: its output folder, saved config, log file,
-callbacks), except that the task only primes it: sets it up and opens its MLflow run. Hydra's on_job_end callbacks
-therefore see a job at that point; the JobReturn the sweeper reads is completed when the job ends.
+arbitrary task function. Each job is started as Hydra's basic launcher starts one (run_job: its output folder,
+saved config, log file, callbacks), except that the task only primes it: sets it up and opens its MLflow run.
+Hydra's on_job_end callbacks therefore see a job at that point; the JobReturn the sweeper reads is completed
+when the job ends.
 """
 from __future__ import annotations
 

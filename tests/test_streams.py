@@ -3,7 +3,12 @@ the same code that puts each on its own CUDA stream). Each run must give exactly
 and be interrupted and resumed like any other run. Real CLI, real signals, real sqlite store."""
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+
+import pytest
 
 from cifar_ablation.tracking import JOB, ROLE, SWEEP
 
@@ -128,3 +133,86 @@ def test_a_bad_value_in_one_job_stops_the_sweep_with_one_error_and_the_runs_trai
     assert "another job's SystemExit (error: invalid config: train.epochs=0" in first.data.tags["failure_reason"]
     again = run_cli([*common, "train.epochs=2"], tmp_path)
     assert again.returncode == 0 and f"resuming interrupted run {first.info.run_id}" in again.stdout + again.stderr
+
+
+# --- hydra.launcher.processes: the jobs split into shares, each share a gang in a process of its own ----------
+SHARES = ["hydra/launcher=streams", "jobs_per_device=4", "hydra.launcher.processes=2"]
+
+
+def test_gangs_in_two_processes_give_what_each_run_gives_alone(tmp_path, slow_data, tracking_db):
+    db = tracking_db
+    common = [*SLOW, *slow_data, "train.epochs=2", "seed=0,1", f"mlflow.tracking_uri=sqlite:///{db}"]
+    res = run_cli(["-m", TRICKS, *SHARES, *common, "mlflow.experiment=shares", "hydra.sweep.dir=shares"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "Launching 4 jobs in 2 processes, 2 at a time in each" in out
+    assert out.count("Launching 2 jobs in this process") == 2
+    client, runs = runs_in(db, "shares")
+    (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    assert sweep.info.status == "FINISHED" and sweep.data.tags["job_states"] == "FINISHED: 4"
+    jobs = {(r.data.tags["tricks"], r.data.params["seed"]): r for r in runs if r.data.tags[ROLE] == JOB}
+    assert all(r.data.tags["mlflow.parentRunId"] == sweep.info.run_id for r in jobs.values())
+
+    alone = run_cli(["-m", TRICKS, *common, "mlflow.experiment=alone"], tmp_path)  # Hydra's basic launcher
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    client, reference = runs_in(db, "alone")
+    for ref in (r for r in reference if r.data.tags[ROLE] == JOB):
+        key = (ref.data.tags["tricks"], ref.data.params["seed"])
+        assert curves(client, jobs[key]) == curves(client, ref), key  # exact, every epoch
+    for num in range(4):  # job numbers as in one process: each job's log file holds its own lines
+        log = (tmp_path / "shares" / str(num) / "__main__.log").read_text()
+        assert f"] - #{num} epoch 2/2" in log and not [n for n in range(4) if n != num and f"#{n} epoch" in log]
+
+
+def test_a_bad_value_in_one_share_stops_every_process_with_one_error(tmp_path, slow_data, tracking_db):
+    db = tracking_db
+    res = run_cli(["-m", *SHARES, *SLOW, *slow_data, "train.epochs=30,0", "seed=0,1",
+                   f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=bad"], tmp_path)
+    assert res.returncode != 0
+    assert "error: invalid config: train.epochs=0 is not allowed" in res.stderr
+    _, runs = runs_in(db, "bad")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    assert sweep.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_sigterm_then_ctrl_c_to_gangs_in_processes_leave_every_run_killed_and_relaunches_resume_them(
+        tmp_path, slow_data, tracking_db):
+    """The launcher alone gets SIGTERM (`kill PID`), then, relaunched, a terminal's Ctrl-C (SIGINT to its
+    process group): each time every run of both processes ends KILLED with the signal's reason and the sweep
+    FAILED; the third launch resumes the same four runs and finishes them, every epoch logged once."""
+    db = tracking_db
+    args = ["-m", TRICKS, *SHARES, *SLOW, *slow_data, "train.epochs=6", "seed=0,1",
+            f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=stop"]
+
+    def foreground():  # a new process group, as a terminal gives its foreground job
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    def stopped(send, reason: str) -> set[str]:
+        proc = subprocess.Popen([sys.executable, "-m", "cifar_ablation", *args], cwd=tmp_path, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=foreground,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seen = wait_for(proc, "#0 epoch ")  # job 0 trains in the first process, job 2 in the second
+        seen += "" if "#2 epoch " in seen else wait_for(proc, "#2 epoch ")
+        send(proc)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0, seen + out
+        _, runs = runs_in(db, "stop")
+        jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
+        assert len(jobs) == 4 and all(r.info.status == "KILLED" for r in jobs), seen + out
+        assert all(reason in r.data.tags["failure_reason"] for r in jobs), [r.data.tags for r in jobs]
+        newest = max((r for r in runs if r.data.tags[ROLE] == SWEEP), key=lambda r: r.info.start_time)
+        assert newest.info.status == "FAILED"
+        return {r.info.run_id for r in jobs}
+
+    first = stopped(lambda p: p.send_signal(signal.SIGTERM), "Terminated")
+    assert stopped(lambda p: os.killpg(p.pid, signal.SIGINT), "KeyboardInterrupt") == first  # resumed, stopped
+    again = run_cli(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    client, runs = runs_in(db, "stop")
+    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
+    assert {r.info.run_id for r in jobs} == first and all(r.info.status == "FINISHED" for r in jobs)
+    for r in jobs:
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == list(range(1, 7))

@@ -7,6 +7,10 @@ arbitrary task function. Each job is started as Hydra's basic launcher starts on
 saved config, log file, callbacks), except that the task only primes it: sets it up and opens its MLflow run.
 Hydra's on_job_end callbacks therefore see a job at that point; the JobReturn the sweeper reads is completed
 when the job ends.
+
+With `processes` > 1 the jobs are split into that many consecutive shares, each trained as a gang in a process
+of its own (spawned; cifar_ablation/gangs.py): one launching thread issues ~750–880 training steps/s on an
+H100 however many runs it holds (experiments/slide_ladder/NOTES.md), so several gangs give the GPU several.
 """
 from __future__ import annotations
 
@@ -24,11 +28,14 @@ log = logging.getLogger(__name__)
 
 
 class StreamsLauncher(Launcher):
-    def __init__(self, runs: int = 9) -> None:
+    def __init__(self, runs: int = 9, processes: int = 1) -> None:
         if int(runs) < 1:
             raise ValueError(f"hydra.launcher.runs={runs} (by default jobs_per_device per GPU): the runs trained "
                              "at once must be an integer >= 1")
-        self.runs = int(runs)
+        if int(processes) < 1:
+            raise ValueError(f"hydra.launcher.processes={processes}: the processes the runs are shared among must "
+                             "be an integer >= 1 (1: all in the launching process)")
+        self.runs, self.processes = int(runs), int(processes)
         self.config: DictConfig | None = None
         self.hydra_context: Any = None
         self.task_function: Any = None
@@ -37,6 +44,14 @@ class StreamsLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        if self.processes > 1 and len(job_overrides) > 1:
+            from cifar_ablation.gangs import launch_in_processes
+
+            return launch_in_processes(self, job_overrides, initial_job_idx)
+        return self.launch_here(job_overrides, initial_job_idx)
+
+    def launch_here(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """The jobs as one gang in this process, `runs` at a time; their JobReturns once every one has ended."""
         from cifar_ablation.streams import Gang, sigterm_interrupts
 
         setup_globals()

@@ -8,43 +8,31 @@ textbook:  torchvision-style Dataset of PIL images + DataLoader(W workers, pinne
 trainer:   cifar_ablation.train.train(): the split held on the device, batched device-side augmentation,
            channels_last, bf16 autocast on CUDA (and torch.compile with --compile).
 Both report training images/s over whole epochs (augmentation included, evaluation and compilation not);
-the last epoch of each counts, so --epochs 2 or more leaves warm-up out. Then K trainer runs at once, their
-aggregate images/s printed: as K separate processes (sharing a GPU only through MPS, where it runs), and as K
-runs side by side in this one process, each on its own CUDA stream (streams.py, hydra/launcher=streams).
-Small sizes by default, so it runs on a CPU; on a GPU use e.g. --subset 50000 --epochs 3 --workers 8
---concurrent 9.
+the last epoch of each counts, so --epochs 2 or more leaves warm-up out. Then K trainer runs at once in each
+of --layouts, P processes with S runs side by side in each (PxS; a CUDA stream each, streams.py), their
+aggregate images/s printed, whole and steady (layouts.py): 1xK is hydra/launcher=streams, Kx1 one process per
+run (sharing a GPU only through MPS, where it runs), PxS hydra.launcher.processes=P. Small sizes by default,
+so it runs on a CPU; on a GPU use e.g. --subset 50000 --epochs 4 --workers 8 --concurrent 9
+--layouts 1x9,3x3,9x1.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import queue as queue_module
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Dataset
 
-from .checks import CONF_DIR
 from .data import Images, load_images
+from .layouts import bench_config, measure, parse
 from .stats import compare, summary
-from .train import build, make_optimizer, pick_device, train, training
+from .train import build, make_optimizer, pick_device, train
 
 DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
-
-
-def bench_config(args: argparse.Namespace, seed: int = 0):
-    tricks = f"trick=[{args.tricks}]"
-    overrides = [tricks, f"seed={seed}", "data=imagefolder", f"data.path={args.data}", f"data.subset={args.subset}",
-                 f"data.val_subset={args.val_subset}", f"train.batch_size={args.batch_size}",
-                 f"train.epochs={args.epochs}", f"train.compile={args.compile}", f"device={args.device}",
-                 "train.progress_every_s=0", *args.override]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 class PILImages(Dataset):
@@ -132,74 +120,6 @@ def trainer(cfg, images: Images, device: torch.device) -> dict:
     return out
 
 
-def images_trained(cfg, images: Images) -> int:
-    """Training images one run goes through: full batches only (the loader drops the last partial one)."""
-    return cfg.train.epochs * (len(images.train_y) // cfg.train.batch_size) * cfg.train.batch_size
-
-
-def _one_run(args: argparse.Namespace, slot: int, queue) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads() // args.concurrent))
-    cfg = bench_config(args)
-    images = load_images(cfg.data)
-    device = pick_device(cfg.device, slot)
-    queue.put(("ready", slot, None))
-    start = time.time()
-    r = trainer(cfg, images, device)
-    trained = images_trained(cfg, images)
-    queue.put(("done", slot, {**r, "start": start, "end": time.time(), "images": trained}))
-
-
-def concurrent(args: argparse.Namespace, run=_one_run) -> dict:
-    """K trainer runs (`run`) as separate processes; aggregate = all images trained / the wall time they shared."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=run, args=(args, k, queue)) for k in range(args.concurrent)]
-    for p in procs:
-        p.start()
-    results = {}
-    while len(results) < args.concurrent:
-        try:
-            kind, slot, r = queue.get(timeout=5)
-        except queue_module.Empty:  # a run that died puts nothing: stop, naming it, instead of waiting forever
-            dead = [k for k, p in enumerate(procs) if p.exitcode not in (None, 0) and k not in results]
-            if dead:
-                for p in procs:
-                    p.kill()
-                raise RuntimeError(f"concurrent run(s) {dead} died (exit code {procs[dead[0]].exitcode}); "
-                                   "their traceback is above")
-            continue
-        if kind == "done":
-            results[slot] = r
-    for p in procs:
-        p.join()
-    wall = max(r["end"] for r in results.values()) - min(r["start"] for r in results.values())
-    return {"runs": args.concurrent, "aggregate_images_per_second": sum(r["images"] for r in results.values()) / wall,
-            "per_run": list(results.values())}
-
-
-def side_by_side(args: argparse.Namespace, images: Images, device: torch.device) -> dict:
-    """K trainer runs (seeds 0..K-1) in this process, each on its own CUDA stream; aggregate = all images
-    trained / the wall time from the first run's setup to the last run's end."""
-    from .streams import Gang, Member
-
-    gang, ends, start = Gang(), {}, time.time()
-    for k in range(args.concurrent):
-        def on_end(value, error, k=k):
-            ends[k] = (time.time(), value, error)
-        member, _ = Member.prime(k, training(bench_config(args, seed=k), images, device=device), on_end)
-        gang.add(member)
-    while gang.members:
-        gang.round()
-    errors = [e for _, _, e in ends.values() if e is not None]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of the side-by-side runs failed") from errors[0]
-    wall = max(t for t, _, _ in ends.values()) - start
-    trained = args.concurrent * images_trained(bench_config(args), images)
-    print(f"side by side: {gang.pace()}")
-    return {"runs": args.concurrent, "aggregate_images_per_second": trained / wall, "wall": wall,
-            "per_run_last_epoch_images_per_second": [v["images_per_second"] for _, v, _ in ends.values()]}
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help="an image folder or archive (imagefolder format)")
@@ -209,9 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the textbook loop")
     ap.add_argument("--concurrent", type=int, default=2, help="trainer runs at once for the aggregate figures")
-    ap.add_argument("--modes", default="streams,processes",
-                    help="how the concurrent runs share the machine, in this order: streams (one process, a CUDA "
-                         "stream each), processes (one process each)")
+    ap.add_argument("--layouts", help="how the concurrent runs share the machine, in this order: PxS, P "
+                    "processes with S runs side by side in each (a CUDA stream each); default 1xK,Kx1")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--tricks", default="batchnorm,dropout,flip,crop")
     ap.add_argument("--compile", action="store_true", help="torch.compile the trainer's model")
@@ -223,9 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. train.epochs=4")
     args = ap.parse_args(argv)
     args.data = str(Path(args.data).resolve())
-    modes = [m for m in args.modes.split(",") if m] if args.concurrent > 0 else []
-    if set(modes) - {"streams", "processes"}:  # before anything is measured
-        ap.error(f"--modes={args.modes}: each must be one of streams, processes")
+    try:  # before anything is measured
+        layouts = parse(args.layouts or f"1x{args.concurrent},{args.concurrent}x1", args.concurrent) \
+            if args.concurrent > 0 else []
+    except ValueError as e:
+        ap.error(str(e))
 
     cfg = bench_config(args)
     images = load_images(cfg.data)
@@ -250,17 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
               "textbook_images_per_second": base, "trainer": ours, "ratio": ratio}
     if args.json:  # now, and again after each concurrent mode: a run cut short keeps what it measured
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-    for mode in modes:
-        if mode == "streams":
-            agg = result["side_by_side"] = side_by_side(args, images, device)
-            print(f"| {args.concurrent} trainer runs side by side in one process (streams), aggregate | "
-                  f"{agg['aggregate_images_per_second']:,.0f} images/s |")
-        else:
-            agg = result["concurrent"] = concurrent(args)
-            mem = [r.get("peak_mem_gib") for r in agg["per_run"]]
-            extra = f", peak GPU memory per run {max(mem):.2f} GiB" if mem and mem[0] is not None else ""
-            print(f"| {args.concurrent} concurrent trainer runs (processes), aggregate | "
-                  f"{agg['aggregate_images_per_second']:,.0f} images/s{extra} |")
+    result["layouts"] = []
+    for processes, each in layouts:
+        agg = measure(args, processes, each, images, device)
+        result["layouts"].append(agg)
+        steady = agg["steady_images_per_second"]
+        print(f"| {agg['runs']} trainer runs as {processes} process(es) x {each} side by side, aggregate | "
+              f"{agg['aggregate_images_per_second']:,.0f} images/s; steady "
+              + (f"{steady:,.0f} images/s over {agg['steady_window_s']:.1f} s |" if steady else "– (3+ epochs) |"))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -1,37 +1,53 @@
 """The benchmark runs on CPU and prints both loops and their ratio (numbers, never timed asserts)."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
 from cifar_ablation import tricks
-from cifar_ablation.bench import concurrent, main
+from cifar_ablation.bench import main
+from cifar_ablation.layouts import aggregates, measure
 
 
-def test_bench_prints_both_loops_the_ratio_and_the_aggregate(imagefolder, capsys):
+def test_bench_prints_both_loops_the_ratio_and_the_aggregate_of_each_layout(imagefolder, capsys):
     data = imagefolder("tar", per_class=40)
-    result = main(["--data", str(data), "--subset", "100", "--epochs", "1", "--batch-size", "20",
+    result = main(["--data", str(data), "--subset", "100", "--epochs", "3", "--batch-size", "20",
                    "--workers", "0", "--concurrent", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "| textbook loop" in out and "| cifar-ablation trainer" in out and "| ratio trainer / textbook" in out
-    assert "| 2 concurrent trainer runs (processes), aggregate" in out
-    assert "| 2 trainer runs side by side in one process (streams), aggregate" in out
-    assert result["side_by_side"]["runs"] == 2 and result["side_by_side"]["aggregate_images_per_second"] > 0
+    assert "| 2 trainer runs as 1 process(es) x 2 side by side, aggregate" in out
+    assert "| 2 trainer runs as 2 process(es) x 1 side by side, aggregate" in out
     assert result["textbook_images_per_second"] > 0 and result["trainer"]["images_per_second"] > 0
     assert result["ratio"] == pytest.approx(result["trainer"]["images_per_second"] / result["textbook_images_per_second"])
-    assert result["concurrent"]["runs"] == 2 and result["concurrent"]["aggregate_images_per_second"] > 0
+    assert [(r["layout"], r["runs"]) for r in result["layouts"]] == [("1x2", 2), ("2x1", 2)]
+    for r in result["layouts"]:
+        assert r["aggregate_images_per_second"] > 0
+        assert sorted(run["seed"] for run in r["per_run"]) == [0, 1]  # seed k: run k, whichever process
+        assert all([e for _, e in run["epochs"]] == [100, 200, 300] for run in r["per_run"])  # 5 batches of 20
 
 
-def _dies(args, slot, queue):  # a concurrent run that fails before it reports (as on the first H100 run)
+def test_the_steady_aggregate_counts_only_the_window_where_every_run_trains():
+    """Two runs of 100 images an epoch: one from t=0 (epochs end at 10, 20, 30), one set up slower (ends at 14,
+    19, 24). Window: 14 (both past epoch 1) to 24 (the first end). Run 1: 140 -> 240 images; run 2: 100 -> 300."""
+    runs = [{"start": 0.0, "epochs": [(10.0, 100), (20.0, 200), (30.0, 300)]},
+            {"start": 0.0, "epochs": [(14.0, 100), (19.0, 200), (24.0, 300)]}]
+    a = aggregates(runs)
+    assert a["steady_window_s"] == pytest.approx(10.0)
+    assert a["steady_images_per_second"] == pytest.approx((240 - 140 + 300 - 100) / 10)
+    assert a["aggregate_images_per_second"] == pytest.approx(600 / 30)
+    assert aggregates([{"start": 0.0, "epochs": [(5.0, 100)]}])["steady_images_per_second"] is None
+
+
+def _dies(args, seeds, go, conn):  # a concurrent process that fails before it reports (as on the first H100 run)
     raise SystemExit(3)
 
 
-def test_a_concurrent_run_that_dies_stops_the_bench_naming_it():
+def test_a_concurrent_process_that_dies_stops_the_bench_naming_it():
     """Not a wait without end: the first H100 run's bench waited on runs that had died until its budget ended."""
-    import argparse
-
-    with pytest.raises(RuntimeError, match=r"concurrent run\(s\) \[[01].*\] died \(exit code 3\)"):
-        concurrent(argparse.Namespace(concurrent=2), run=_dies)
+    with pytest.raises(RuntimeError, match=r"concurrent process\(es\) \['[01] \(exit code 3\)'.*died"):
+        measure(argparse.Namespace(), 2, 1, None, torch.device("cpu"), process=_dies)
 
 
 def test_device_crop_matches_torchvisions_random_resized_crop(make_cfg):
@@ -54,7 +70,8 @@ def test_device_crop_matches_torchvisions_random_resized_crop(make_cfg):
     assert our_aspect.std().item() == pytest.approx(ref_aspect.std().item(), rel=0.15)
 
 
-def test_an_unknown_concurrency_mode_is_refused_before_anything_is_measured(capsys):
+def test_a_layout_that_does_not_make_the_concurrent_runs_is_refused_before_anything_is_measured(capsys):
     with pytest.raises(SystemExit):
-        main(["--modes", "streams,gpu"])
-    assert "--modes=streams,gpu: each must be one of streams, processes" in capsys.readouterr().err
+        main(["--concurrent", "4", "--layouts", "1x4,3x1"])
+    assert "--layouts=1x4,3x1: '3x1' must be PxS, P processes with S runs side by side each, P * S = --concurrent " \
+           "(4)" in capsys.readouterr().err

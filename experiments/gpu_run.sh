@@ -122,30 +122,34 @@ if [ $TINY = 1 ]; then  # RUN: the sizes of one run; SIZE: those of the ladder's
   RUN=(data.subset=200 data.val_subset=100 'model.widths=[8,16]' model.dense=32 train.batch_size=50
        train.eval_batch_size=100 train.epochs=1 device=cpu)
   SIZE=("${RUN[@]}" jobs_per_device=${RUNS:-2})
-  BENCH=(--subset 200 --val-subset 100 --epochs 1 --batch-size 50 --workers 0 --concurrent 2 --device cpu)
+  PROCS=${PROCS:-2}
+  BENCH=(--subset 200 --val-subset 100 --epochs 3 --batch-size 50 --workers 0 --concurrent 2 --device cpu)
 else
   RUN=()
   SIZE=(jobs_per_device=${RUNS:-27})
-  BENCH=(--subset 50000 --val-subset 10000 --epochs 3 --batch-size 128 --workers 8 --concurrent 9)
+  PROCS=${PROCS:-3}  # gangs (processes) the ladder's runs are shared among: one launching thread each
+  BENCH=(--subset 50000 --val-subset 10000 --epochs 4 --batch-size 128 --workers 8 --concurrent 9
+         --layouts 1x9,3x3,9x1)
 fi
 STORE=sqlite:///$WORK/mlflow.db
 save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
 
 # --- 2. the ladder, then its report ----------------------------------------------------------------------
 if wanted ladder; then
-  # first two small runs side by side (it also decodes the data once): should the streams launcher fail on this
-  # machine, the ladder runs as processes instead (LAUNCHER= picks either and skips this)
+  # first four small runs, as two gangs of two in two processes (it also decodes the data once): should that
+  # fail on this machine, the ladder runs as one gang (PROCS=1), as on the second H100 run (LAUNCHER= skips this)
   if [ -z "${LAUNCHER:-}" ]; then
-    if step "streams smoke" 150 $PY -m cifar_ablation -m 'trick=[dropout],[batchnorm,dropout,flip,crop]' \
-         data=imagefolder "data.path=$DATA" data.subset=2560 data.val_subset=500 train.epochs=2 "${RUN[@]}" \
-         hydra/launcher=streams jobs_per_device=2 train.checkpoint=false "data.cache_dir=$CACHE" \
-         "mlflow.tracking_uri=$STORE" mlflow.experiment=streams-smoke "hydra.sweep.dir=$WORK/multirun/smoke"; then
-      LAUNCHER=streams
-    else
-      LAUNCHER=parallel
-      log "the streams launcher failed its smoke run (above): the ladder runs as processes instead"
+    LAUNCHER=streams
+    if ! step "streams smoke" 150 $PY -m cifar_ablation -m 'trick=[dropout],[batchnorm,dropout,flip,crop]' \
+         seed=0,1 data=imagefolder "data.path=$DATA" data.subset=2560 data.val_subset=500 train.epochs=2 \
+         "${RUN[@]}" hydra/launcher=streams jobs_per_device=4 hydra.launcher.processes=2 train.checkpoint=false \
+         "data.cache_dir=$CACHE" "mlflow.tracking_uri=$STORE" mlflow.experiment=streams-smoke \
+         "hydra.sweep.dir=$WORK/multirun/smoke"; then
+      PROCS=1
+      log "gangs in two processes failed their smoke run (above): the ladder runs as one gang in one process"
     fi
   fi
+  [ "$LAUNCHER" = streams ] && SIZE+=("hydra.launcher.processes=$PROCS")
   # one sweep of 27 jobs, seed 0's nine first (conf/experiment/slide_ladder.yaml); per-epoch checkpoints, so a
   # job the budget cuts resumes from its last epoch in the next call
   step ladder 600 $PY -m cifar_ablation experiment=slide_ladder data=imagefolder "data.path=$DATA" \
@@ -162,7 +166,7 @@ fi
 
 # --- 3. the benchmark at full size ---------------------------------------------------------------------------
 if wanted bench; then
-  step bench 150 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
+  step bench 240 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
     --override "data.cache_dir=$CACHE"
 fi
 

@@ -31,11 +31,14 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
     for step in ("streams smoke", "ladder", "report", "bench", "forms", "gpu tests"):
         assert f"== {step}: exit 0" in log or f"== {step}: done" in log, step
     assert "10 skipped" in log  # the GPU tests (2 parametrized twice), with their reason, on a CPU
-    assert "Launching 27 jobs in this process, 2 at a time on their own streams" in log  # the ladder's launcher
+    assert "Launching 4 jobs in 2 processes, 2 at a time in each" in log  # the smoke: two gangs, two processes
+    assert "Launching 27 jobs in 2 processes, 1 at a time in each" in log  # the ladder's launcher: the same
+    assert log.count("Launching 14 jobs in this process") == 1 and log.count("Launching 13 jobs in this process") == 1
     assert re.search(r"== ladder: exit 0 after \d+s, GPU busy mean 37 % \(max 37 %\), memory up to 1234 MiB", log)
     assert re.search(r"streams: [\d,]+ training steps in \d+ s, [\d,]+ steps/s in all; CPU \d+ % of one core", log)
     bench = json.loads((out / "bench.json").read_text())
-    assert bench["side_by_side"]["aggregate_images_per_second"] > 0 and bench["concurrent"]["runs"] == 2
+    assert [(r["layout"], r["runs"]) for r in bench["layouts"]] == [("1x2", 2), ("2x1", 2)]
+    assert all(r["aggregate_images_per_second"] > 0 and "steady_images_per_second" in r for r in bench["layouts"])
     files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files
     assert {"run.log", "bench.json", "mlflow.db"} <= {str(f) for f in files}

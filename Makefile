@@ -42,12 +42,14 @@ test: install services  ## the test suite, all but the multi-process launcher te
 test-slow: install services  ## multi-process tests: parallel launchers, a SLURM cluster, PostgreSQL + auth server
 	$(BIN)/python -m pytest -q -m slow --durations=20
 
-# The ladder's runs side by side in one process, LADDER_RUNS at a time (each on its own CUDA stream on a GPU).
+# The ladder's runs side by side, LADDER_RUNS at a time (each on its own CUDA stream on a GPU), shared among
+# LADDER_PROCS processes (one launching thread each; on one GPU start MPS first: nvidia-cuda-mps-control -d).
 LADDER_RUNS ?= 9
+LADDER_PROCS ?= 1
 ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds (CIFAR-10, or the mirror here), then its report
 	@echo "ladder data: $(DATA_ARGS)"
 	$(BIN)/python -m cifar_ablation experiment=slide_ladder $(DATA_ARGS) hydra/launcher=streams \
-	    jobs_per_device=$(LADDER_RUNS)
+	    jobs_per_device=$(LADDER_RUNS) hydra.launcher.processes=$(LADDER_PROCS)
 	$(BIN)/python -m cifar_ablation.report --experiment slide-ladder --out experiments/slide_ladder
 
 gpu-prep:  ## before a GPU run: MLflow/Hydra wheels into .whl/, the JPEG mirror into data/ (both git-ignored)

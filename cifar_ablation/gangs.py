@@ -55,7 +55,7 @@ def launch_in_processes(launcher: Any, job_overrides: Sequence[Sequence[str]],
     """Every job's JobReturn, in job order, once every share has ended. A share that ends without them (a user
     error found when a job starts, a crash, a killed process) stops the others, as an error stops a gang: their
     runs end KILLED, and the same command resumes them; the launcher then raises that share's error."""
-    parts = shares(len(job_overrides), launcher.processes)
+    parts = {initial_job_idx + part.start: part for part in shares(len(job_overrides), launcher.processes)}
     runs_each = max(1, math.ceil(launcher.runs / len(parts)))
     log.info(f"Launching {len(job_overrides)} jobs in {len(parts)} processes, {runs_each} at a time in each on "
              "their own streams")
@@ -64,8 +64,7 @@ def launch_in_processes(launcher: Any, job_overrides: Sequence[Sequence[str]],
     # joblib launcher sends them, with cloudpickle
     hydra_state = cloudpickle.dumps((launcher.hydra_context, launcher.config, Singleton.get_state()))
     procs, results = {}, {}  # a pipe each (not one queue: a share stopped while it writes breaks only its own)
-    for part in parts:
-        first = initial_job_idx + part.start
+    for first, part in parts.items():
         receiving, sending = ctx.Pipe(duplex=False)
         results[receiving] = first
         args = (first, [list(job_overrides[i]) for i in part], runs_each, hydra_state, sending, os.getpid())
@@ -85,10 +84,9 @@ def launch_in_processes(launcher: Any, job_overrides: Sequence[Sequence[str]],
             first, kind, value = failed[0]
             if kind == "SystemExit" and str(value).startswith("error:"):
                 raise SystemExit(value)  # a user error: its one line, as a sweep in one process gives it
-            last = first + len(parts[[initial_job_idx + q.start for q in parts].index(first)]) - 1
-            raise RuntimeError(f"the process training jobs {first}..{last} ended without their results ({kind}: "
-                               f"{value}); the other processes were stopped, their runs KILLED: launch the same "
-                               "command again to resume them all")
+            raise RuntimeError(f"the process training jobs {first}..{first + len(parts[first]) - 1} ended without "
+                               f"their results ({kind}: {value}); the other processes were stopped, their runs "
+                               "KILLED: launch the same command again to resume them all")
     return [ret for first in sorted(got) for ret in got[first][1]]
 
 

@@ -21,6 +21,7 @@ batch fail to capture, the step is captured without it (the loader's batch copie
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -29,6 +30,14 @@ import torch.nn.functional as F
 from . import tricks
 
 log = logging.getLogger(__name__)
+
+
+class Launches:
+    """Wall time this process spends inside CUDA graph launches (replay calls), all runs together: the streams
+    launcher's pace line reports its share of the wall. A launch that finds the GPU's queue full waits in it."""
+    seconds = 0.0
+
+
 WARMUP = 3   # eager steps before capture (PyTorch's recipe uses 3; on a side stream)
 MODES = ("auto", "true", "false")
 
@@ -89,6 +98,7 @@ class GraphStep(EagerStep):
         self.strict, self.warmed, self.graph, self.side, self.batch_inside = strict, 0, None, None, False
         self.lrs = [g["lr"] for g in p.opt.param_groups]  # the learning-rate tensors the graph will read
         self.fallback: str | None = None   # why the step runs eagerly after all
+        self.timed = False                 # the first replay has been timed
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         if self.fallback is not None:
@@ -112,8 +122,33 @@ class GraphStep(EagerStep):
             x, y = self.batch(idx)
             self.x.copy_(x)
             self.y.copy_(y)
-        self.graph.replay()
+        if not self.timed:
+            self._first_replay()
+        else:
+            t = time.perf_counter()
+            self.graph.replay()
+            Launches.seconds += time.perf_counter() - t
         return self.loss
+
+    def _first_replay(self) -> None:
+        """The first replay, timed once (in the capture's call, where waiting is allowed): the launch's CPU time
+        with this stream's queue empty, and the step's time on the GPU (other runs may share it meanwhile). The
+        two say what bounds a run: the thread's launches, or the GPU's execution of the step's kernels."""
+        self.timed = True
+        if self.p.device.type != "cuda":
+            self.graph.replay()
+            return
+        stream = torch.cuda.current_stream(self.p.device)
+        stream.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        t = time.perf_counter()
+        self.graph.replay()
+        launch = time.perf_counter() - t
+        end.record(stream)
+        end.synchronize()
+        log.info("graph replay: its launch takes %.0f us of CPU, the step %.3f ms on the GPU (first replay; other "
+                 "runs' kernels may share the GPU meanwhile)", launch * 1e6, start.elapsed_time(end))
 
     def schedule(self) -> None:
         """The schedule's step; then each group's learning rate is the very tensor the graph reads. The torch

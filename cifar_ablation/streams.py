@@ -26,6 +26,7 @@ from typing import Any, Callable, Generator, Iterator
 import torch
 
 from .jobrun import Terminated, raise_terminated
+from .steps import Launches
 
 log = logging.getLogger("cifar_ablation.streams")
 
@@ -110,15 +111,20 @@ class Gang:
     def __init__(self) -> None:
         self.members: list[Member] = []
         self.steps, self.started, self.cpu = 0, time.perf_counter(), time.process_time()
+        self.launches = Launches.seconds
 
     def pace(self) -> str:
-        """The training steps taken so far, all members together, and their rate since the gang began; and the
-        process's CPU time over that wall time: near 100 % the one launching thread may be what limits the
-        gang (the GPU's own utilization tells the rest: experiments/gpu_run.sh logs it)."""
-        wall = time.perf_counter() - self.started
-        busy = (time.process_time() - self.cpu) / max(wall, 1e-9)
-        return (f"{self.steps:,} training steps in {wall:.0f} s, {self.steps / max(wall, 1e-9):,.0f} steps/s in all; "
+        """The training steps taken so far, all members together, and their rate since the gang began; the
+        process's CPU time over that wall time (near 100 %: the one launching thread may be what limits the
+        gang); on CUDA the share of the wall spent inside graph launches (a launch waits there while the GPU's
+        queue is full). The GPU's own utilization tells the rest: experiments/gpu_run.sh logs it."""
+        wall = max(time.perf_counter() - self.started, 1e-9)
+        busy, launching = (time.process_time() - self.cpu) / wall, (Launches.seconds - self.launches) / wall
+        line = (f"{self.steps:,} training steps in {wall:.0f} s, {self.steps / wall:,.0f} steps/s in all; "
                 f"CPU {100 * busy:.0f} % of one core")
+        if launching:
+            line += f", {100 * launching:.0f} % of the wall inside CUDA graph launches"
+        return line
 
     def add(self, m: Member | None) -> None:
         if m is not None:

@@ -3,6 +3,7 @@ Skipped without a GPU (CI has none); experiments/gpu_run.sh runs them first on a
 from __future__ import annotations
 
 import logging
+import re
 import signal
 
 import pytest
@@ -116,6 +117,9 @@ def test_a_short_cuda_run_on_the_graph_path_learns(make_cfg, jpeg_cache, caplog)
     with caplog.at_level(logging.INFO):
         metrics = train(cfg, load_images(cfg.data), device=torch.device("cuda"))
     assert "training step captured as a CUDA graph" in caplog.text and "(the batch inside it)" in caplog.text
+    timing = re.search(r"graph replay: its launch takes (\d+) us of CPU, the step ([\d.]+) ms on the GPU", caplog.text)
+    assert timing and float(timing[2]) > 0, caplog.text  # printed below: what bounds one run, on this GPU
+    print(f"first replay: launch {timing[1]} us of CPU, step {timing[2]} ms on the GPU")
     print(f"graph path, 4 epochs on 6,400 images: val_acc {metrics['val_acc']:.3f}, "
           f"{metrics['images_per_second']:,.0f} images/s")
     assert metrics["val_acc"] > 0.35, metrics

@@ -4,6 +4,7 @@ and be interrupted and resumed like any other run. Real CLI, real signals, real 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,3 +217,16 @@ def test_sigterm_then_ctrl_c_to_gangs_in_processes_leave_every_run_killed_and_re
     assert {r.info.run_id for r in jobs} == first and all(r.info.status == "FINISHED" for r in jobs)
     for r in jobs:
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == list(range(1, 7))
+
+
+def test_the_pace_line_gives_the_share_of_the_wall_inside_graph_launches_where_there_were_any():
+    from cifar_ablation.steps import Launches
+    from cifar_ablation.streams import Gang
+
+    g = Gang()
+    assert "inside CUDA graph launches" not in g.pace()  # none on a CPU: the line stays as it was
+    Launches.seconds += 3600.0  # as if an hour of launches had been timed since the gang began
+    try:
+        assert re.search(r"CPU \d+ % of one core, \d+ % of the wall inside CUDA graph launches$", g.pace())
+    finally:
+        Launches.seconds -= 3600.0

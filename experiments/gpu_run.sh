@@ -123,11 +123,13 @@ if [ $TINY = 1 ]; then  # RUN: the sizes of one run; SIZE: those of the ladder's
        train.eval_batch_size=100 train.epochs=1 device=cpu)
   SIZE=("${RUN[@]}" jobs_per_device=${RUNS:-2})
   PROCS=${PROCS:-2}
+  SMOKE=(seed=0 jobs_per_device=2)
   BENCH=(--subset 200 --val-subset 100 --epochs 3 --batch-size 50 --workers 0 --concurrent 2 --device cpu)
 else
   RUN=()
   SIZE=(jobs_per_device=${RUNS:-27})
   PROCS=${PROCS:-3}  # gangs (processes) the ladder's runs are shared among: one launching thread each
+  SMOKE=(seed=0,1 jobs_per_device=4)
   BENCH=(--subset 50000 --val-subset 10000 --epochs 4 --batch-size 128 --workers 8 --concurrent 9
          --layouts 1x9,3x3,9x1)
 fi
@@ -136,13 +138,14 @@ save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
 
 # --- 2. the ladder, then its report ----------------------------------------------------------------------
 if wanted ladder; then
-  # first four small runs, as two gangs of two in two processes (it also decodes the data once): should that
-  # fail on this machine, the ladder runs as one gang (PROCS=1), as on the second H100 run (LAUNCHER= skips this)
+  # first four small runs, as two gangs of two in two processes (--tiny: two of one), which also decodes the
+  # data once: should that fail on this machine, the ladder runs as one gang (PROCS=1), as on the second H100
+  # run (LAUNCHER= skips this)
   if [ -z "${LAUNCHER:-}" ]; then
     LAUNCHER=streams
     if ! step "streams smoke" 150 $PY -m cifar_ablation -m 'trick=[dropout],[batchnorm,dropout,flip,crop]' \
-         seed=0,1 data=imagefolder "data.path=$DATA" data.subset=2560 data.val_subset=500 train.epochs=2 \
-         "${RUN[@]}" hydra/launcher=streams jobs_per_device=4 hydra.launcher.processes=2 train.checkpoint=false \
+         "${SMOKE[@]}" data=imagefolder "data.path=$DATA" data.subset=2560 data.val_subset=500 train.epochs=2 \
+         "${RUN[@]}" hydra/launcher=streams hydra.launcher.processes=2 train.checkpoint=false \
          "data.cache_dir=$CACHE" "mlflow.tracking_uri=$STORE" mlflow.experiment=streams-smoke \
          "hydra.sweep.dir=$WORK/multirun/smoke"; then
       PROCS=1

@@ -31,7 +31,7 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
     for step in ("streams smoke", "ladder", "report", "bench", "forms", "gpu tests"):
         assert f"== {step}: exit 0" in log or f"== {step}: done" in log, step
     assert "10 skipped" in log  # the GPU tests (2 parametrized twice), with their reason, on a CPU
-    assert "Launching 4 jobs in 2 processes, 2 at a time in each" in log  # the smoke: two gangs, two processes
+    assert "Launching 2 jobs in 2 processes, 1 at a time in each" in log  # the smoke: two gangs, two processes
     assert "Launching 27 jobs in 2 processes, 1 at a time in each" in log  # the ladder's launcher: the same
     assert log.count("Launching 14 jobs in this process") == 1 and log.count("Launching 13 jobs in this process") == 1
     assert re.search(r"== ladder: exit 0 after \d+s, GPU busy mean 37 % \(max 37 %\), memory up to 1234 MiB", log)

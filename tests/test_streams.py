@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
-
 from cifar_ablation.tracking import JOB, ROLE, SWEEP
 
 from .conftest import run_cli, runs_in
@@ -20,6 +18,7 @@ from .test_faults import SLOW, slow_data, start, wait_for  # noqa: F401  (slow_d
 # member keeps its own state), flip and crop (the run's own generator), batchnorm statistics.
 TRICKS = "trick=[noise,dropout],[batchnorm,dropout,flip,crop]"
 KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
+SHARES = ["hydra/launcher=streams", "jobs_per_device=4", "hydra.launcher.processes=2"]  # 2 gangs of 2
 
 
 def curves(client, run) -> dict[str, list[tuple[int, float]]]:
@@ -31,12 +30,16 @@ def jobs_by(runs, key: str) -> dict[str, object]:
 
 
 def test_runs_side_by_side_give_what_they_give_alone_and_fail_alone(tmp_path, slow_data, tracking_db):
+    """Four jobs as two gangs of two, in two processes (hydra.launcher.processes=2): side by side in a process
+    and across processes alike, each run gives exactly what it gives alone; a diverging one fails alone."""
     db = tracking_db
     common = [*SLOW, *slow_data, "train.epochs=3", f"mlflow.tracking_uri=sqlite:///{db}"]
-    res = run_cli(["-m", TRICKS, "optim.lr=0.001,1e30", "hydra/launcher=streams", "jobs_per_device=4", *common,
-                   "mlflow.experiment=together", "hydra.sweep.dir=together"], tmp_path)
+    res = run_cli(["-m", TRICKS, "optim.lr=0.001,1e30", *SHARES, *common, "mlflow.experiment=together",
+                   "hydra.sweep.dir=together"], tmp_path)
     assert res.returncode != 0, res.stderr[-3000:]  # two jobs diverge: the sweep says so, after every job ran
-    assert "Launching 4 jobs in this process, 4 at a time" in res.stdout + res.stderr
+    out = res.stdout + res.stderr  # two gangs of two (jobs 0-1, 2-3: one diverging in each), two processes
+    assert "Launching 4 jobs in 2 processes, 2 at a time in each" in out
+    assert out.count("Launching 2 jobs in this process, 2 at a time") == 2
     client, runs = runs_in(db, "together")
     states = {(r.data.tags["tricks"], r.data.params["optim.lr"]): r.info.status
               for r in runs if r.data.tags[ROLE] == JOB}
@@ -137,32 +140,6 @@ def test_a_bad_value_in_one_job_stops_the_sweep_with_one_error_and_the_runs_trai
 
 
 # --- hydra.launcher.processes: the jobs split into shares, each share a gang in a process of its own ----------
-SHARES = ["hydra/launcher=streams", "jobs_per_device=4", "hydra.launcher.processes=2"]
-
-
-def test_gangs_in_two_processes_give_what_each_run_gives_alone(tmp_path, slow_data, tracking_db):
-    db = tracking_db
-    common = [*SLOW, *slow_data, "train.epochs=2", "seed=0,1", f"mlflow.tracking_uri=sqlite:///{db}"]
-    res = run_cli(["-m", TRICKS, *SHARES, *common, "mlflow.experiment=shares", "hydra.sweep.dir=shares"], tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stdout + res.stderr
-    assert "Launching 4 jobs in 2 processes, 2 at a time in each" in out
-    assert out.count("Launching 2 jobs in this process") == 2
-    client, runs = runs_in(db, "shares")
-    (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
-    assert sweep.info.status == "FINISHED" and sweep.data.tags["job_states"] == "FINISHED: 4"
-    jobs = {(r.data.tags["tricks"], r.data.params["seed"]): r for r in runs if r.data.tags[ROLE] == JOB}
-    assert all(r.data.tags["mlflow.parentRunId"] == sweep.info.run_id for r in jobs.values())
-
-    alone = run_cli(["-m", TRICKS, *common, "mlflow.experiment=alone"], tmp_path)  # Hydra's basic launcher
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    client, reference = runs_in(db, "alone")
-    for ref in (r for r in reference if r.data.tags[ROLE] == JOB):
-        key = (ref.data.tags["tricks"], ref.data.params["seed"])
-        assert curves(client, jobs[key]) == curves(client, ref), key  # exact, every epoch
-    for num in range(4):  # job numbers as in one process: each job's log file holds its own lines
-        log = (tmp_path / "shares" / str(num) / "__main__.log").read_text()
-        assert f"] - #{num} epoch 2/2" in log and not [n for n in range(4) if n != num and f"#{n} epoch" in log]
 
 
 def test_a_bad_value_in_one_share_stops_every_process_with_one_error(tmp_path, slow_data, tracking_db):
@@ -177,7 +154,6 @@ def test_a_bad_value_in_one_share_stops_every_process_with_one_error(tmp_path, s
     assert sweep.info.status == "FAILED"
 
 
-@pytest.mark.slow
 def test_sigterm_then_ctrl_c_to_gangs_in_processes_leave_every_run_killed_and_relaunches_resume_them(
         tmp_path, slow_data, tracking_db):
     """The launcher alone gets SIGTERM (`kill PID`), then, relaunched, a terminal's Ctrl-C (SIGINT to its

@@ -1,9 +1,9 @@
 """hydra/launcher=streams with `processes` > 1: a sweep's jobs split into consecutive shares, each share trained as
 one gang (streams.py) in a process of its own, all shares at once.
 
-Why: a gang's one launching thread issues ~750–880 training steps/s on an H100 whether it holds 1, 9 or 27 runs
-(second H100 run, experiments/slide_ladder/NOTES.md), so the streams of one process cap a sweep there; P
-processes have P threads. On one GPU their kernels run side by side only under MPS (`nvidia-cuda-mps-control
+Why: one gang took ~750–880 training steps/s on an H100 whether it held 1, 9 or 27 runs, its one launching
+thread at 100 % of a core (second H100 run, experiments/slide_ladder/NOTES.md); where that thread is the
+limit, P processes have P threads. On one GPU their kernels run side by side only under MPS (`nvidia-cuda-mps-control
 -d`); without it the processes take turns on the GPU.
 
 The shares are consecutive, so a sweep sent out seed by seed (conf/experiment/slide_ladder.yaml) gives each

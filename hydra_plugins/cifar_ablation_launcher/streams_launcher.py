@@ -9,8 +9,8 @@ Hydra's on_job_end callbacks therefore see a job at that point; the JobReturn th
 when the job ends.
 
 With `processes` > 1 the jobs are split into that many consecutive shares, each trained as a gang in a process
-of its own (spawned; cifar_ablation/gangs.py): one launching thread issues ~750–880 training steps/s on an
-H100 however many runs it holds (experiments/slide_ladder/NOTES.md), so several gangs give the GPU several.
+of its own (spawned; cifar_ablation/gangs.py): one gang took ~750–880 training steps/s on an H100 however many
+runs it held (experiments/slide_ladder/NOTES.md); several gangs have several launching threads.
 """
 from __future__ import annotations
 

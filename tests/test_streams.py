@@ -206,3 +206,15 @@ def test_the_pace_line_gives_the_share_of_the_wall_inside_graph_launches_where_t
         assert re.search(r"CPU \d+ % of one core, \d+ % of the wall inside CUDA graph launches$", g.pace())
     finally:
         Launches.seconds -= 3600.0
+
+
+def test_the_launcher_refuses_a_count_below_one_naming_its_key():
+    from hydra_plugins.cifar_ablation_launcher.streams_launcher import StreamsLauncher
+
+    for kwargs, key in (({"runs": 0}, "hydra.launcher.runs=0"), ({"processes": 0}, "hydra.launcher.processes=0")):
+        try:
+            StreamsLauncher(**kwargs)
+        except ValueError as e:
+            assert str(e).startswith(key) and "must be an integer >= 1" in str(e), e
+        else:
+            raise AssertionError(f"{kwargs} was accepted")

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from cifar_ablation.tracking import JOB, ROLE, SWEEP
 
 from .conftest import run_cli, runs_in
@@ -212,9 +214,5 @@ def test_the_launcher_refuses_a_count_below_one_naming_its_key():
     from hydra_plugins.cifar_ablation_launcher.streams_launcher import StreamsLauncher
 
     for kwargs, key in (({"runs": 0}, "hydra.launcher.runs=0"), ({"processes": 0}, "hydra.launcher.processes=0")):
-        try:
+        with pytest.raises(ValueError, match=rf"^{re.escape(key)}: .* must be an integer >= 1"):
             StreamsLauncher(**kwargs)
-        except ValueError as e:
-            assert str(e).startswith(key) and "must be an integer >= 1" in str(e), e
-        else:
-            raise AssertionError(f"{kwargs} was accepted")

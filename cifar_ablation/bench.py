@@ -175,10 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
     for processes, each in layouts:
         agg = measure(args, processes, each, images, device)
         result["layouts"].append(agg)
-        steady = agg["steady_images_per_second"]
+        steady, mem = agg["steady_images_per_second"], [r.get("process_peak_mem_gib") for r in agg["per_run"]]
         print(f"| {agg['runs']} trainer runs as {processes} process(es) x {each} side by side, aggregate | "
               f"{agg['aggregate_images_per_second']:,.0f} images/s; steady "
-              + (f"{steady:,.0f} images/s over {agg['steady_window_s']:.1f} s |" if steady else "– (3+ epochs) |"))
+              + (f"{steady:,.0f} images/s over {agg['steady_window_s']:.1f} s" if steady else "– (3+ epochs)")
+              + (f"; peak GPU memory per process {max(mem):.2f} GiB |" if mem[0] is not None else " |"))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -54,7 +54,7 @@ def parse(text: str, concurrent: int) -> list[tuple[int, int]]:
 
 def gang(args: argparse.Namespace, seeds: range, images: Images, device: torch.device) -> list[dict]:
     """Runs of `seeds` side by side in this process (one alone: plainly); per run its start, its epoch ends
-    [(time, images so far)] and its last epoch's images/s."""
+    [(time, images so far)], its last epoch's images/s and on CUDA the process's peak memory."""
     from .streams import Gang, Member
 
     runs, g = [], Gang()
@@ -74,6 +74,9 @@ def gang(args: argparse.Namespace, seeds: range, images: Images, device: torch.d
         runs.append(r)
     while g.members:
         g.round()
+    if device.type == "cuda":  # the process's peak, all its runs together
+        for r in runs:
+            r["process_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return runs
 
 

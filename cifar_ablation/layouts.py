@@ -136,9 +136,12 @@ def _in_processes(args: argparse.Namespace, processes: int, each: int, process: 
                     ready += 1
                     if ready == processes:
                         go.set()
+                elif kind == "done":
+                    del pipes[conn]
+                    runs.extend(value)
                 else:
                     del pipes[conn]
-                    runs.extend(value) if kind == "done" else errors.append(f"{k} ({value})")
+                    errors.append(f"{k} ({value})")
             if errors:
                 raise RuntimeError(f"concurrent process(es) {errors} died; their traceback is above")
     finally:
@@ -150,7 +153,7 @@ def _in_processes(args: argparse.Namespace, processes: int, each: int, process: 
 
 
 def _process(args: argparse.Namespace, seeds: range, go: Any, conn: Any) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, torch.get_num_threads() * len(seeds) // args.concurrent))  # a share of the cores
     cfg = bench_config(args)
     images, device = load_images(cfg.data), pick_device(cfg.device, seeds.start)
     conn.send(("ready", None))

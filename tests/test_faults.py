@@ -25,13 +25,18 @@ def slow_data(imagefolder, tmp_path) -> list[str]:
     return [f"data.path={imagefolder('tar', per_class=300)}", f"data.cache_dir={tmp_path}/cache"]
 
 
-def start(args: list[str], cwd) -> subprocess.Popen:
+def start(args: list[str], cwd, own_group: bool = False) -> subprocess.Popen:
     """The CLI as a child process that takes Ctrl-C as a terminal's foreground job does, even where the tests
-    run in the background (a shell starts background jobs with SIGINT ignored, and children inherit that)."""
+    run in the background (a shell starts background jobs with SIGINT ignored, and children inherit that).
+    own_group: in a new process group, as a terminal gives its foreground job, so that os.killpg(proc.pid,
+    SIGINT) is a Ctrl-C reaching the launcher and whatever shares its group."""
+    def foreground():
+        if own_group:
+            os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "cifar_ablation", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=foreground)
 
 
 def wait_for(proc: subprocess.Popen, text: str, timeout: float = 180) -> str:
@@ -155,12 +160,7 @@ def test_ctrl_c_then_relaunch_gathers_the_resumed_runs_into_the_new_sweep(tmp_pa
     args = ["-m", "trick=[],[flip]", "hydra/launcher=parallel", "jobs_per_device=2", *SLOW, *slow_data,
             "train.epochs=8", f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=relaunch"]
 
-    def foreground():  # a new process group whose Ctrl-C reaches the launcher and its workers alike
-        os.setsid()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-    proc = subprocess.Popen([sys.executable, "-m", "cifar_ablation", *args], cwd=tmp_path, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=foreground,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = start(args, tmp_path, own_group=True)
     wait_for(proc, "epoch 2/8")
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) != 0

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -165,14 +163,8 @@ def test_sigterm_then_ctrl_c_to_gangs_in_processes_leave_every_run_killed_and_re
     args = ["-m", TRICKS, *SHARES, *SLOW, *slow_data, "train.epochs=6", "seed=0,1",
             f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=stop"]
 
-    def foreground():  # a new process group, as a terminal gives its foreground job
-        os.setsid()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
     def stopped(send, reason: str) -> set[str]:
-        proc = subprocess.Popen([sys.executable, "-m", "cifar_ablation", *args], cwd=tmp_path, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=foreground,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = start(args, tmp_path, own_group=True)
         seen = wait_for(proc, "#0 epoch ")  # job 0 trains in the first process, job 2 in the second
         seen += "" if "#2 epoch " in seen else wait_for(proc, "#2 epoch ")
         send(proc)

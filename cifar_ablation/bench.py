@@ -4,7 +4,8 @@
                                    [--concurrent K] [--device auto|cpu|cuda] [--tricks a,b] [--compile]
 
 textbook:  torchvision-style Dataset of PIL images + DataLoader(W workers, pinned memory on CUDA), PIL
-           RandomHorizontalFlip + RandomResizedCrop, ToTensor, Normalize; fp32; one optimizer step per batch.
+           RandomHorizontalFlip + RandomResizedCrop, ToTensor, Normalize (+ the noise trick's noise); fp32; the
+           l1l2 term added to the loss; one optimizer step per batch.
 trainer:   cifar_ablation.train.train(): the split held on the device, batched device-side augmentation,
            channels_last, bf16 autocast on CUDA (and torch.compile with --compile).
 Both report training images/s over whole epochs (augmentation included, evaluation and compilation not);
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import Images, load_images
 from .layouts import bench_config, measure, parse
+from .model import kernels
 from .stats import compare, summary
 from .train import build, make_optimizer, pick_device, train
 
@@ -49,19 +52,33 @@ class PILImages(Dataset):
         return self.transform(Image.fromarray(self.x[i].permute(1, 2, 0).numpy())), int(self.y[i])
 
 
-def textbook(cfg, images: Images, device: torch.device, workers: int) -> tuple[float, float]:
-    """The plain path: returns (training images/s of the last epoch, final val accuracy)."""
+def _noise(x: torch.Tensor, p: float, std: float) -> torch.Tensor:
+    return x + (torch.rand(()) < p) * torch.randn_like(x) * std
+
+
+def transforms(cfg, images: Images) -> tuple[list, list]:
+    """The textbook loop's torchvision transforms for training, and the normalization alone (validation)."""
     import torchvision.transforms as T
 
     mean, std = images.channel_stats()
     normalize = [T.ToTensor(), T.Normalize(mean.tolist(), std.tolist())]
     steps = [T.RandomHorizontalFlip(cfg.trick.flip.p)] if "flip" in cfg.trick else []
-    crop = cfg.trick.get("crop")
+    crop, noise = cfg.trick.get("crop"), cfg.trick.get("noise")
     if crop is not None and crop.mode == "translate":
         steps.append(T.RandomCrop(32, padding=crop.pad, padding_mode="reflect"))
     elif crop is not None:
         steps.append(T.RandomResizedCrop(32, scale=tuple(crop.scale), ratio=tuple(crop.ratio)))
-    loader = DataLoader(PILImages(images.train_x, images.train_y, T.Compose([*steps, *normalize])),
+    after = [T.Lambda(partial(_noise, p=noise.p, std=noise.std))] if noise is not None else []
+    return [*steps, *normalize, *after], normalize
+
+
+def textbook(cfg, images: Images, device: torch.device, workers: int) -> tuple[float, float]:
+    """The plain path: returns (training images/s of the last epoch, final val accuracy)."""
+    import torchvision.transforms as T
+
+    train_steps, normalize = transforms(cfg, images)
+    l1l2 = cfg.trick.get("l1l2")
+    loader = DataLoader(PILImages(images.train_x, images.train_y, T.Compose(train_steps)),
                         batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     torch.manual_seed(cfg.seed)
@@ -74,6 +91,9 @@ def textbook(cfg, images: Images, device: torch.device, workers: int) -> tuple[f
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
+            if l1l2 is not None:
+                ws = kernels(model)
+                loss = loss + l1l2.l1 * sum(w.abs().sum() for w in ws) + l1l2.l2 * sum(w.pow(2).sum() for w in ws)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

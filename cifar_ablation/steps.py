@@ -1,6 +1,6 @@
 """The training step, two ways: eager (every op launched from Python), or captured once as a CUDA graph and
-replayed: one launch for the batch (gather, normalize, the batch tricks), forward, loss with the L1/L2 term,
-backward and the optimizer step.
+replayed: one launch for the batch (gather, normalize, the batch tricks), forward, loss, backward (with the
+L1/L2 term's gradient) and the optimizer step.
 
 A step is called with the batch's indices into the training split (DeviceLoader.indices()); train_epoch() calls
 whichever step train.setup() chose, then its schedule() (outside the graph: the learning rate is a tensor the
@@ -58,14 +58,14 @@ class EagerStep:
         self.correct.zero_()
 
     def ops(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward, loss (+ the loss tricks' term), backward, optimizer step, accumulate; returns the loss."""
+        """Forward, loss, backward (+ the loss tricks' gradients), optimizer step, accumulate; returns the loss
+        (the cross-entropy: a loss trick's term is never formed, tricks.py)."""
         p = self.p
         with p.autocast():
             logits = p.forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=p.cfg.train.label_smoothing)
-        extra = tricks.penalty(p.model, p.cfg.trick)
-        total = loss if extra is None else loss + extra
-        total.backward()
+        loss.backward()
+        tricks.add_loss_gradients(p.model, p.cfg.trick)
         p.opt.step()
         loss = loss.detach()  # the caller keeps it: it must not keep the autograd graph (and its streams) alive
         self.loss_sum += loss * len(y)

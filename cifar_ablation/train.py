@@ -45,7 +45,9 @@ def pick_device(name: str, slot: int = 0) -> torch.device:
 
 def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int, graph: bool = False):
     """The optimizer and its per-step schedule. graph=True (Adam/AdamW only): capturable, with the learning rate
-    a tensor on the device that the schedule fills in place, so a captured step reads each new value."""
+    a tensor on the device that the schedule fills in place, so a captured step reads each new value, and
+    fused: one kernel for the whole update (+ one for the step counts) where the capturable multi-tensor form
+    issues 17 multi-tensor ops (torch's _multi_tensor_adam), kernels every replay runs one after another."""
     params = list(model.parameters())
     if cfg.name == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -53,7 +55,8 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int, graph: bo
     else:
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
         lr = torch.tensor(float(cfg.lr), device=params[0].device) if graph else cfg.lr
-        opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, capturable=graph)
+        opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, capturable=graph,
+                  fused=True if graph else None)
     if cfg.schedule == "onecycle" and total_steps >= 4:
         # each phase needs 2+ steps; very short runs (smoke tests) stretch the warm-up to 2 steps
         pct = min(max(cfg.warmup_frac, 2 / total_steps), 0.5)
@@ -193,8 +196,9 @@ def _as_this_optimizer(saved: dict, opt: torch.optim.Optimizer) -> dict:
     groups = []
     for g, mine in zip(saved["param_groups"], opt.param_groups):
         g = dict(g)
-        if "capturable" in mine:
-            g["capturable"] = mine["capturable"]
+        for key in ("capturable", "fused"):  # how this run steps, not what it learnt
+            if key in mine:
+                g[key] = mine[key]
         lr = float(g["lr"])
         g["lr"] = torch.tensor(lr, device=mine["lr"].device) if isinstance(mine["lr"], torch.Tensor) else lr
         groups.append(g)

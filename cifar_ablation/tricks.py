@@ -5,9 +5,12 @@ registered with `@trick(stage, **checks)` under the function's name. The stage s
 
   arch   edits the model description before the model is built   (batchnorm, dropout, instancenorm, capacity)
   batch  transforms a training batch on the device, per image     (flip, crop, noise)
-  loss   returns a term added to the training loss                (l1l2)
+  loss   a term of the training loss: adds the term's gradient after backward    (l1l2)
 
 The checks name each parameter and what values it allows; config.validate runs them before training.
+A loss trick never forms its term: the term's value is not logged, and its gradient, added to the parameters'
+gradients with multi-tensor (foreach) ops, is the one autograd would give, in a few kernels per step where the
+term through autograd took ~127 ops (l1l2 over the net's 8 kernels: experiments/slide_ladder/NOTES.md).
 Batch hooks only ever see training batches: evaluation data is never augmented, and they run in BATCH_ORDER.
 An arch hook edits fields of model.Arch, which build_model reads: a new kind of layer needs a field there and
 its branch in build_model.
@@ -68,9 +71,11 @@ def augment(x: torch.Tensor, tricks_cfg: Any, gen: torch.Generator) -> torch.Ten
     return x
 
 
-def penalty(model: torch.nn.Module, tricks_cfg: Any) -> torch.Tensor | None:
-    terms = [t.hook(model, cfg) for t, cfg in _chosen(tricks_cfg, "loss")]
-    return sum(terms) if terms else None
+@torch.no_grad()
+def add_loss_gradients(model: torch.nn.Module, tricks_cfg: Any) -> None:
+    """After backward: each chosen loss trick adds its term's gradient to the parameters' gradients."""
+    for t, cfg in _chosen(tricks_cfg, "loss"):
+        t.hook(model, cfg)
 
 
 def _coin(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
@@ -172,6 +177,13 @@ def noise(x: torch.Tensor, cfg: Any, gen: torch.Generator) -> torch.Tensor:
 # --- loss ----------------------------------------------------------------------------------------------
 
 @trick("loss", l1=number(0), l2=number(0))
-def l1l2(model: torch.nn.Module, cfg: Any) -> torch.Tensor:
+def l1l2(model: torch.nn.Module, cfg: Any) -> None:
+    """The term l1 * sum|W| + l2 * sum W^2 over the kernels (Keras' regularizers.l1_l2): adds its gradient,
+    l1 * sign(W) + 2 * l2 * W, to each kernel's gradient (sign(0) = 0: abs's subgradient in autograd too).
+    Every kernel takes part in the forward pass, so each has its gradient here."""
     ws = kernels(model)
-    return cfg.l1 * sum(w.abs().sum() for w in ws) + cfg.l2 * sum(w.pow(2).sum() for w in ws)
+    grads = [w.grad for w in ws]
+    if cfg.l1:
+        torch._foreach_add_(grads, torch._foreach_sign(ws), alpha=float(cfg.l1))
+    if cfg.l2:
+        torch._foreach_add_(grads, ws, alpha=2 * float(cfg.l2))

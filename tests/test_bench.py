@@ -75,3 +75,22 @@ def test_a_layout_that_does_not_make_the_concurrent_runs_is_refused_before_anyth
         main(["--concurrent", "4", "--layouts", "1x4,3x1"])
     assert "--layouts=1x4,3x1: '3x1' must be PxS, P processes with S runs side by side each, P * S = --concurrent " \
            "(4)" in capsys.readouterr().err
+
+
+def test_the_textbook_loop_applies_the_noise_trick_as_the_trainer_does(make_cfg):
+    """The textbook loop's transforms: the noise trick's noise on the normalized pixels of a drawn image (p=1
+    here), none without the trick; validation only normalizes."""
+    from PIL import Image
+    from torchvision.transforms import Compose
+
+    from cifar_ablation.bench import transforms
+    from cifar_ablation.data import Images
+
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = Images(x, torch.zeros(8, dtype=torch.long), x, torch.zeros(8, dtype=torch.long), ["a"], "x", "y")
+    img = Image.fromarray(x[0].permute(1, 2, 0).numpy())
+    plain_steps, normalize = transforms(make_cfg(), images)
+    noisy_steps, _ = transforms(make_cfg("trick=[noise]", "trick.noise.p=1", "trick.noise.std=0.5"), images)
+    plain, noisy = Compose(plain_steps)(img), Compose(noisy_steps)(img)
+    assert torch.equal(plain, Compose(normalize)(img))
+    assert (noisy - plain).std().item() == pytest.approx(0.5, rel=0.05)

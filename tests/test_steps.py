@@ -92,6 +92,30 @@ def test_the_tensor_learning_rate_follows_the_schedule(make_cfg, schedule):
     assert len(set(seen)) == 1 if schedule == "constant" else len(set(seen)) > 30  # it stayed, or really moved
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_the_graph_kind_of_optimizer_steps_as_the_eager_kind(make_cfg, name):
+    """A captured step's optimizer (capturable, fused, a tensor learning rate) is the same Adam as the eager
+    step's: same gradients, same schedule, same parameters after each step (to float rounding)."""
+    cfg = make_cfg(f"optim.name={name}", "optim.lr=0.01", "optim.weight_decay=0.01")
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = [p.detach().clone() for p in models[0].parameters()]
+    (eager, sched_e), (graph, sched_g) = (make_optimizer(m, cfg.optim, 20, graph=g)
+                                          for m, g in zip(models, (False, True)))
+    assert graph.param_groups[0]["fused"] and not eager.param_groups[0]["fused"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        grads = [torch.randn(p.shape, generator=gen) for p in models[0].parameters()]
+        for model, opt, sched in ((models[0], eager, sched_e), (models[1], graph, sched_g)):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+            sched.step()
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert all(not torch.equal(p, p0) for p, p0 in zip(models[1].parameters(), start))  # it did step
+
+
 @pytest.mark.parametrize("saved_graph,resume_graph", [(True, False), (False, True)])
 def test_a_checkpoint_resumes_on_the_other_kind_of_step(make_cfg, saved_graph, resume_graph):
     """train.cuda_graph does not change the result, so a run may resume with the other setting: the optimizer
@@ -111,6 +135,7 @@ def test_a_checkpoint_resumes_on_the_other_kind_of_step(make_cfg, saved_graph, r
     assert restore(p, state) == 2
     group = p.opt.param_groups[0]
     assert group["capturable"] is resume_graph and isinstance(group["lr"], torch.Tensor) is resume_graph
+    assert (group["fused"] is True) is resume_graph
     assert float(group["lr"]) == pytest.approx(saved_lr)
     p.opt.step()
     p.sched.step()

@@ -138,21 +138,35 @@ def test_translate_crop_is_a_window_of_the_reflect_padded_image(make_cfg):
     assert torch.equal(tricks.crop(x, still, gen()), x)             # p=0: the centre window, the image itself
 
 
-def test_l1l2_adds_exactly_the_penalty(make_cfg):
+def test_l1l2_adds_the_gradient_autograd_gives_its_term(make_cfg):
+    """The term's definition, l1 * sum|W| + l2 * sum W^2 over the kernels, through autograd here; the trick adds
+    its gradient after backward: the same gradient for every parameter (biases: none of the term's)."""
     cfg = make_cfg("trick=[l1l2]", "trick.l1l2.l1=0.001", "trick.l1l2.l2=0.01").trick
     m = model_for(make_cfg)
     ws = [m[i].weight for i in range(len(m)) if isinstance(m[i], (nn.Conv2d, nn.Linear))]
     assert len(kernels(m)) == len(ws) == 8
-    expected = 0.001 * sum(w.abs().sum() for w in ws) + 0.01 * sum((w ** 2).sum() for w in ws)
-    assert tricks.penalty(m, cfg).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert tricks.penalty(m, make_cfg("trick=[noise]").trick) is None
-    # biases are not kernels: changing one leaves the penalty as it was
     with torch.no_grad():
-        m[0].bias += 5
-    assert tricks.penalty(m, cfg).item() == pytest.approx(expected.item(), rel=1e-6)
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    ce = F.cross_entropy(m(x), y)
-    assert (ce + tricks.penalty(m, cfg)).item() == pytest.approx(ce.item() + expected.item(), rel=1e-6)
+        ws[0][0] = 0.0  # sign(0) = 0: autograd's subgradient of |w| at 0 too
+    x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+
+    def grads(term: bool, hook: bool) -> list[torch.Tensor]:
+        m.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(m(x), y)
+        if term:
+            loss = loss + 0.001 * sum(w.abs().sum() for w in ws) + 0.01 * sum((w ** 2).sum() for w in ws)
+        loss.backward()
+        if hook:
+            tricks.add_loss_gradients(m, cfg)
+        return [p.grad.clone() for p in m.parameters()]
+
+    autograd, added, plain = grads(term=True, hook=False), grads(term=False, hook=True), grads(False, False)
+    for a, b in zip(autograd, added):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    assert not any(p.grad.requires_grad for p in m.parameters())  # the gradients stay plain tensors
+    changed = [not torch.equal(a, b) for a, b in zip(added, plain)]
+    assert changed == [isinstance(p, torch.Tensor) and p.dim() > 1 for p in m.parameters()]  # kernels only
+    tricks.add_loss_gradients(m, make_cfg("trick=[noise]").trick)  # no loss trick: nothing added
+    assert all(torch.equal(p.grad, a) for p, a in zip(m.parameters(), plain))
 
 
 def test_augment_applies_only_chosen_batch_tricks(make_cfg):

@@ -4,11 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MIRROR ?= ../shared/data/cifar10-jpeg.tar.gz
-DATA   ?= $(MIRROR)
 PORT   ?= 5000
-# The data a demo trains on: the offline JPEG mirror where it is at hand, else the original CIFAR-10
-# (torchvision downloads it into ./data once). Override with e.g. DATA_ARGS='data=cifar10'.
-DATA_ARGS ?= $(if $(wildcard $(MIRROR)),data=imagefolder data.path=$(MIRROR),data=cifar10)
+# The data the demo, the ladder and the bench train on: the offline JPEG mirror where it is at hand, else the
+# original CIFAR-10 (torchvision downloads it into ./data once). Override with e.g. DATA=cifar10 or DATA=PATH.
+DATA ?= $(if $(wildcard $(MIRROR)),$(MIRROR),cifar10)
+DATA_ARGS ?= $(if $(filter cifar10,$(DATA)),data=cifar10,data=imagefolder data.path=$(DATA))
 
 .PHONY: help install services demo test test-slow ladder gpu-prep gpu-run report ui screenshots bench clean
 
@@ -61,6 +61,7 @@ gpu-run:  ## the prepared GPU run of issue #10 into OUT=gpu_out; STEPS=ladder,te
 	bash experiments/gpu_run.sh $(TINY) $(if $(STEPS),--steps $(STEPS)) $(or $(OUT),gpu_out)
 
 bench: install  ## textbook DataLoader loop vs the trainer, then K concurrent runs (CPU-sized; see --help)
+	@echo "bench data: $(DATA)"
 	$(BIN)/python -m cifar_ablation.bench --data $(DATA)
 
 report: install  ## the table of the latest sweep in the default store and experiment

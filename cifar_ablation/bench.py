@@ -1,6 +1,6 @@
 """Benchmark: the textbook PyTorch loop against cifar-ablation's trainer, same model, tricks and batch size.
 
-    python -m cifar_ablation.bench [--data PATH] [--subset N] [--epochs E] [--batch-size B] [--workers W]
+    python -m cifar_ablation.bench [--data cifar10|PATH] [--subset N] [--epochs E] [--batch-size B] [--workers W]
                                    [--concurrent K] [--device auto|cpu|cuda] [--tricks a,b] [--compile]
 
 textbook:  torchvision-style Dataset of PIL images + DataLoader(W workers, pinned memory on CUDA), PIL
@@ -35,7 +35,6 @@ from .model import kernels
 from .stats import compare, summary
 from .train import build, make_optimizer, pick_device, train
 
-DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
 
 
 class PILImages(Dataset):
@@ -142,7 +141,8 @@ def trainer(cfg, images: Images, device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=DEFAULT_DATA, help="an image folder or archive (imagefolder format)")
+    ap.add_argument("--data", default="cifar10", help="cifar10: the original CIFAR-10 (downloaded into "
+                    "data.root, ./data, once); or an image folder or archive (imagefolder format)")
     ap.add_argument("--subset", type=int, default=2000, help="training images (default 2000: CPU-sized)")
     ap.add_argument("--val-subset", type=int, default=1000, help="validation images")
     ap.add_argument("--epochs", type=int, default=3)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. train.epochs=4")
     args = ap.parse_args(argv)
-    args.data = str(Path(args.data).resolve())
+    args.data = args.data if args.data == "cifar10" else str(Path(args.data).resolve())
     try:  # before anything is measured
         layouts = parse(args.layouts or f"1x{args.concurrent},{args.concurrent}x1", args.concurrent) \
             if args.concurrent > 0 else []
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = load_images(cfg.data)
     device = pick_device(cfg.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"bench: {len(images.train_y)} images, batch {args.batch_size}, tricks [{args.tricks}], {args.epochs} "
+    print(f"bench: {len(images.train_y)} images of {images.source}, batch {args.batch_size}, tricks [{args.tricks}], {args.epochs} "
           f"epochs, on {where}, torch {torch.__version__}")
     if args.tricks_sets:
         print("| tricks | plain path val % | fast path val % | fast − plain [95% CI] | verdict (Welch) |\n"

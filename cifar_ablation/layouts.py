@@ -27,7 +27,8 @@ from .train import pick_device, training
 
 def bench_config(args: argparse.Namespace, seed: int = 0):
     """The config of one bench run: the slide's net with --tricks, at the bench's sizes."""
-    overrides = [f"trick=[{args.tricks}]", f"seed={seed}", "data=imagefolder", f"data.path={args.data}",
+    data = ["data=cifar10"] if args.data == "cifar10" else ["data=imagefolder", f"data.path={args.data}"]
+    overrides = [f"trick=[{args.tricks}]", f"seed={seed}", *data,
                  f"data.subset={args.subset}", f"data.val_subset={args.val_subset}",
                  f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}", f"train.compile={args.compile}",
                  f"device={args.device}", "train.progress_every_s=0", *args.override]

@@ -94,3 +94,14 @@ def test_the_textbook_loop_applies_the_noise_trick_as_the_trainer_does(make_cfg)
     plain, noisy = Compose(plain_steps)(img), Compose(noisy_steps)(img)
     assert torch.equal(plain, Compose(normalize)(img))
     assert (noisy - plain).std().item() == pytest.approx(0.5, rel=0.05)
+
+
+def test_the_bench_trains_on_the_original_cifar10_by_default(cifar10_root, tmp_path, capsys):
+    """No --data: torchvision's CIFAR-10 under data.root (downloaded there when absent; here a local copy in
+    its format), and the bench says which data it measured."""
+    result = main(["--subset", "40", "--val-subset", "10", "--epochs", "1", "--batch-size", "10", "--workers", "0",
+                   "--concurrent", "0", "--device", "cpu",
+                   "--override", f"data.root={cifar10_root}", f"data.cache_dir={tmp_path / 'cache'}"])
+    out = capsys.readouterr().out
+    assert f"bench: 40 images of cifar10:{cifar10_root}" in out
+    assert result["args"]["data"] == "cifar10" and result["trainer"]["images_per_second"] > 0

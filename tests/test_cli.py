@@ -213,3 +213,22 @@ def test_a_report_on_a_missing_store_says_so_and_creates_nothing(tmp_path, capsy
     assert "no MLflow store at" in capsys.readouterr().err and not (tmp_path / "nope.db").exists()
     assert ui_main(["--tracking-uri", f"sqlite:///{tmp_path / 'nope.db'}"]) == 2  # make ui: the same
     assert "no MLflow store at" in capsys.readouterr().err and not (tmp_path / "nope.db").exists()
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+def test_make_targets_train_on_the_mirror_where_present_else_the_original_cifar10(tmp_path, mirror):
+    """make demo / ladder / bench, as `make -n` spells them out: the offline JPEG mirror where the file is (our
+    machines), else CIFAR-10 through torchvision's download (a user's machine), each saying which."""
+    import subprocess
+    from pathlib import Path
+
+    path = tmp_path / "cifar10-jpeg.tar.gz"
+    if mirror:
+        path.write_bytes(b"")
+    res = subprocess.run(["make", "-n", "demo", "ladder", "bench", f"MIRROR={path}"], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    data, hydra = (str(path), f"data=imagefolder data.path={path}") if mirror else ("cifar10", "data=cifar10")
+    assert f'echo "demo data: {hydra}"' in res.stdout and f'echo "ladder data: {hydra}"' in res.stdout
+    assert f"experiment=slide_ladder {hydra} " in res.stdout
+    assert f'echo "bench data: {data}"' in res.stdout and f"cifar_ablation.bench --data {data}\n" in res.stdout

@@ -125,6 +125,7 @@ if [ $TINY = 1 ]; then  # RUN: the sizes of one run; SIZE: those of the ladder's
   PROCS=${PROCS:-2}
   SMOKE=(seed=0 jobs_per_device=2)
   BENCH=(--subset 200 --val-subset 100 --epochs 3 --batch-size 50 --workers 0 --concurrent 2 --device cpu)
+  OPS=(--device cpu --batch-size 8)
 else
   RUN=()
   SIZE=(jobs_per_device=${RUNS:-27})
@@ -132,6 +133,7 @@ else
   SMOKE=(seed=0,1 jobs_per_device=4)
   BENCH=(--subset 50000 --val-subset 10000 --epochs 4 --batch-size 128 --workers 8 --concurrent 9
          --layouts 1x9,3x3,9x1)
+  OPS=(--device cuda --batch-size 128)
 fi
 STORE=sqlite:///$WORK/mlflow.db
 save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
@@ -171,6 +173,12 @@ fi
 if wanted bench; then
   step bench 240 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
     --override "data.cache_dir=$CACHE"
+fi
+
+# --- 3b. the aten ops one step of each rung issues (experiments/speed/step_ops.py): what a captured step replays,
+# beside each run's first-replay timing in the ladder's log (into run.log)
+if wanted bench; then
+  step "step ops" 90 $PY experiments/speed/step_ops.py "${OPS[@]}"
 fi
 
 # --- 4. with what budget is left: the top rung in the forms the recipe departs from (seed 0, side by side) ----

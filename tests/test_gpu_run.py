@@ -28,8 +28,9 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
                          capture_output=True, text=True, timeout=600)
     log = (out / "run.log").read_text()
     assert res.returncode == 0, log[-4000:] + res.stderr[-2000:]
-    for step in ("streams smoke", "ladder", "report", "bench", "forms", "gpu tests"):
+    for step in ("streams smoke", "ladder", "report", "bench", "step ops", "forms", "gpu tests"):
         assert f"== {step}: exit 0" in log or f"== {step}: done" in log, step
+    assert re.search(r"\| 8 \| capacity \| \d+ \|", log)  # the ops of each rung's step, rung 0 to 8
     assert "10 skipped" in log  # the GPU tests (2 parametrized twice), with their reason, on a CPU
     assert "Launching 2 jobs in 2 processes, 1 at a time in each" in log  # the smoke: two gangs, two processes
     assert "Launching 27 jobs in 2 processes, 1 at a time in each" in log  # the ladder's launcher: the same

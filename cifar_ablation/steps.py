@@ -20,6 +20,7 @@ batch fail to capture, the step is captured without it (the loader's batch copie
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -202,6 +203,34 @@ class GraphStep(EagerStep):
 
 def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+@functools.cache
+def fused_adam_captures(device: torch.device) -> bool:
+    """Whether Adam's fused kernel (capturable, a tensor learning rate: a captured step's optimizer) records into
+    a CUDA graph and replays on this device, tried once per process on a 4-element parameter (PyTorch's own tests
+    capture it; should this torch not, captured steps use the multi-tensor form instead of training eagerly)."""
+    try:
+        w = torch.zeros(4, device=device, requires_grad=True)
+        opt = torch.optim.Adam([w], lr=torch.tensor(1e-3, device=device), capturable=True, fused=True)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # the optimizer's state made before capture, as in a real warm-up
+            w.grad = torch.ones_like(w)
+            opt.step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        if not bool((w < 0).all()):  # three steps of Adam against a positive gradient
+            raise RuntimeError(f"its replay left the parameter at {w.tolist()}")
+        return True
+    except Exception as e:  # noqa: BLE001 — any failure: the proven form instead
+        log.warning("Adam's fused kernel did not record into a CUDA graph here (%s): captured steps use its "
+                    "multi-tensor form", _reason(e))
+        return False
 
 
 def graph_blocker(cfg: Any, device: torch.device) -> str | None:

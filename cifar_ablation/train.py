@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from . import tricks
 from .data import DeviceLoader, Images
 from .model import Arch, build_model, count_parameters
-from .steps import EagerStep, captures, make_step
+from .steps import EagerStep, captures, fused_adam_captures, make_step
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int, graph: bo
     """The optimizer and its per-step schedule. graph=True (Adam/AdamW only): capturable, with the learning rate
     a tensor on the device that the schedule fills in place, so a captured step reads each new value, and
     fused: one kernel for the whole update (+ one for the step counts) where the capturable multi-tensor form
-    issues 17 multi-tensor ops (torch's _multi_tensor_adam), kernels every replay runs one after another."""
+    issues 17 multi-tensor ops (torch's _multi_tensor_adam), kernels every replay runs one after another
+    (should the fused form not record into a graph on this device, the multi-tensor one: steps.fused_adam_captures)."""
     params = list(model.parameters())
     if cfg.name == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -55,8 +56,9 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int, graph: bo
     else:
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
         lr = torch.tensor(float(cfg.lr), device=params[0].device) if graph else cfg.lr
+        fused = graph and (params[0].device.type != "cuda" or fused_adam_captures(params[0].device))
         opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, capturable=graph,
-                  fused=True if graph else None)
+                  fused=fused or None)
     if cfg.schedule == "onecycle" and total_steps >= 4:
         # each phase needs 2+ steps; very short runs (smoke tests) stretch the warm-up to 2 steps
         pct = min(max(cfg.warmup_frac, 2 / total_steps), 0.5)

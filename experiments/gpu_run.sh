@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared run on a bare GPU machine (issue #10), in this order: the slide's 27-run ladder (one sweep) and its
-# report, the full-size benchmark, the two recipe forms side by side, then the GPU tests one by one. Everything
-# it produces goes under OUT as it comes, at most 8 files (what the device tool returns):
+# report, the full-size benchmark and the aten ops of each rung's step, the two recipe forms side by side, then
+# the GPU tests one by one. Everything it produces goes under OUT as it comes, at most 8 files (what the device
+# tool returns):
 #   run.log             every step's output and its wall time
 #   bench.json          the benchmark's numbers
 #   mlflow.db           the tracking store (re-report it later: report --tracking-uri sqlite:///…)
@@ -211,6 +212,7 @@ if wanted tests; then
   TESTS=(tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve:60
          tests/test_gpu.py::test_the_batch_made_inside_the_graph_is_the_eager_batch:60
          tests/test_gpu.py::test_a_training_step_never_waits_for_the_gpu:60
+         tests/test_gpu.py::test_a_captured_steps_adam_is_the_fused_kernel:30
          tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns:60
          tests/test_gpu.py::test_a_killed_cuda_run_resumes_on_the_graph_path:120
          tests/test_gpu.py::test_runs_side_by_side_on_streams_train_as_they_do_alone:120

@@ -112,6 +112,16 @@ def test_the_batch_made_inside_the_graph_is_the_eager_batch(make_cfg, jpeg_cache
     assert torch.equal(gen.get_state(), after)
 
 
+def test_a_captured_steps_adam_is_the_fused_kernel(make_cfg):
+    """The fused Adam records into a CUDA graph and replays right here, so a captured step uses it."""
+    from cifar_ablation.steps import fused_adam_captures
+    from cifar_ablation.train import make_optimizer
+
+    assert fused_adam_captures.__wrapped__(torch.device("cuda"))
+    opt, _ = make_optimizer(torch.nn.Linear(4, 2).cuda(), make_cfg().optim, 10, graph=True)
+    assert opt.param_groups[0]["fused"] and opt.param_groups[0]["capturable"]
+
+
 def test_a_short_cuda_run_on_the_graph_path_learns(make_cfg, jpeg_cache, caplog):
     cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "trick=[batchnorm,dropout,flip,crop]", "train.epochs=4")
     with caplog.at_level(logging.INFO):

@@ -31,7 +31,7 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
     for step in ("streams smoke", "ladder", "report", "bench", "step ops", "forms", "gpu tests"):
         assert f"== {step}: exit 0" in log or f"== {step}: done" in log, step
     assert re.search(r"\| 8 \| capacity \| \d+ \|", log)  # the ops of each rung's step, rung 0 to 8
-    assert "10 skipped" in log  # the GPU tests (2 parametrized twice), with their reason, on a CPU
+    assert "11 skipped" in log  # the 9 GPU tests (2 parametrized twice), with their reason, on a CPU
     assert "Launching 2 jobs in 2 processes, 1 at a time in each" in log  # the smoke: two gangs, two processes
     assert "Launching 27 jobs in 2 processes, 1 at a time in each" in log  # the ladder's launcher: the same
     assert log.count("Launching 14 jobs in this process") == 1 and log.count("Launching 13 jobs in this process") == 1

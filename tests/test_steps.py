@@ -116,6 +116,17 @@ def test_the_graph_kind_of_optimizer_steps_as_the_eager_kind(make_cfg, name):
     assert all(not torch.equal(p, p0) for p, p0 in zip(models[1].parameters(), start))  # it did step
 
 
+def test_where_the_fused_adam_cannot_be_captured_it_says_why(caplog):
+    """The probe that picks a captured step's Adam (fused, else the multi-tensor form) on a device where
+    recording fails (the CPU: no CUDA streams): False, and a warning that names the reason."""
+    from cifar_ablation.steps import fused_adam_captures
+
+    with caplog.at_level(logging.WARNING):
+        assert fused_adam_captures.__wrapped__(torch.device("cpu")) is False
+    assert "Adam's fused kernel did not record into a CUDA graph here (" in caplog.text
+    assert "captured steps use its multi-tensor form" in caplog.text
+
+
 @pytest.mark.parametrize("saved_graph,resume_graph", [(True, False), (False, True)])
 def test_a_checkpoint_resumes_on_the_other_kind_of_step(make_cfg, saved_graph, resume_graph):
     """train.cuda_graph does not change the result, so a run may resume with the other setting: the optimizer

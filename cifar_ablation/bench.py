@@ -139,7 +139,7 @@ def trainer(cfg, images: Images, device: torch.device) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="cifar10", help="cifar10: the original CIFAR-10 (downloaded into "
                     "data.root, ./data, once); or an image folder or archive (imagefolder format)")
@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "with --seeds seeds and compare their final val accuracy")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. train.epochs=4")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser()
     args = ap.parse_args(argv)
     args.data = args.data if args.data == "cifar10" else str(Path(args.data).resolve())
     try:  # before anything is measured

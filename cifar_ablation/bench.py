@@ -36,7 +36,6 @@ from .stats import compare, summary
 from .train import build, make_optimizer, pick_device, train
 
 
-
 class PILImages(Dataset):
     """The textbook dataset: one PIL image per item, transformed on the fly in the loader's workers."""
 
@@ -177,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     images = load_images(cfg.data)
     device = pick_device(cfg.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"bench: {len(images.train_y)} images of {images.source}, batch {args.batch_size}, tricks [{args.tricks}], {args.epochs} "
-          f"epochs, on {where}, torch {torch.__version__}")
+    print(f"bench: {len(images.train_y)} images of {images.source}, batch {args.batch_size}, tricks "
+          f"[{args.tricks}], {args.epochs} epochs, on {where}, torch {torch.__version__}")
     if args.tricks_sets:
         print("| tricks | plain path val % | fast path val % | fast − plain [95% CI] | verdict (Welch) |\n"
               "|---|---|---|---|---|")

@@ -206,13 +206,14 @@ def _reason(e: BaseException) -> str:
 
 
 @functools.cache
-def fused_adam_captures(device: torch.device) -> bool:
-    """Whether Adam's fused kernel (capturable, a tensor learning rate: a captured step's optimizer) records into
-    a CUDA graph and replays on this device, tried once per process on a 4-element parameter (PyTorch's own tests
-    capture it; should this torch not, captured steps use the multi-tensor form instead of training eagerly)."""
+def fused_adam_captures(cls: type, device: torch.device) -> bool:
+    """Whether Adam's (or AdamW's) fused kernel, capturable with a tensor learning rate (a captured step's
+    optimizer), records into a CUDA graph and replays on this device: tried once per class and process on a
+    4-element parameter (PyTorch's own tests capture it; should this torch not, captured steps use the
+    multi-tensor form instead of training eagerly)."""
     try:
         w = torch.zeros(4, device=device, requires_grad=True)
-        opt = torch.optim.Adam([w], lr=torch.tensor(1e-3, device=device), capturable=True, fused=True)
+        opt = cls([w], lr=torch.tensor(1e-3, device=device), capturable=True, fused=True)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # the optimizer's state made before capture, as in a real warm-up
@@ -228,8 +229,8 @@ def fused_adam_captures(device: torch.device) -> bool:
             raise RuntimeError(f"its replay left the parameter at {w.tolist()}")
         return True
     except Exception as e:  # noqa: BLE001 — any failure: the proven form instead
-        log.warning("Adam's fused kernel did not record into a CUDA graph here (%s): captured steps use its "
-                    "multi-tensor form", _reason(e))
+        log.warning("%s's fused kernel did not record into a CUDA graph here (%s): captured steps use its "
+                    "multi-tensor form", cls.__name__, _reason(e))
         return False
 
 

@@ -48,7 +48,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int, graph: bo
     a tensor on the device that the schedule fills in place, so a captured step reads each new value, and
     fused: one kernel for the whole update (+ one for the step counts) where the capturable multi-tensor form
     issues 17 multi-tensor ops (torch's _multi_tensor_adam), kernels every replay runs one after another
-    (should the fused form not record into a graph on this device, the multi-tensor one: steps.fused_adam_captures)."""
+    (where the fused form does not record into a graph, the multi-tensor one: steps.fused_adam_captures)."""
     params = list(model.parameters())
     if cfg.name == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -56,7 +56,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, total_steps: int, graph: bo
     else:
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
         lr = torch.tensor(float(cfg.lr), device=params[0].device) if graph else cfg.lr
-        fused = graph and (params[0].device.type != "cuda" or fused_adam_captures(params[0].device))
+        fused = graph and (params[0].device.type != "cuda" or fused_adam_captures(cls, params[0].device))
         opt = cls(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, capturable=graph,
                   fused=fused or None)
     if cfg.schedule == "onecycle" and total_steps >= 4:

@@ -117,9 +117,10 @@ def test_a_captured_steps_adam_is_the_fused_kernel(make_cfg):
     from cifar_ablation.steps import fused_adam_captures
     from cifar_ablation.train import make_optimizer
 
-    assert fused_adam_captures.__wrapped__(torch.device("cuda"))
-    opt, _ = make_optimizer(torch.nn.Linear(4, 2).cuda(), make_cfg().optim, 10, graph=True)
-    assert opt.param_groups[0]["fused"] and opt.param_groups[0]["capturable"]
+    for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        assert fused_adam_captures.__wrapped__(cls, torch.device("cuda")), name
+        opt, _ = make_optimizer(torch.nn.Linear(4, 2).cuda(), make_cfg(f"optim.name={name}").optim, 10, graph=True)
+        assert type(opt) is cls and opt.param_groups[0]["fused"] and opt.param_groups[0]["capturable"]
 
 
 def test_a_short_cuda_run_on_the_graph_path_learns(make_cfg, jpeg_cache, caplog):

@@ -122,8 +122,8 @@ def test_where_the_fused_adam_cannot_be_captured_it_says_why(caplog):
     from cifar_ablation.steps import fused_adam_captures
 
     with caplog.at_level(logging.WARNING):
-        assert fused_adam_captures.__wrapped__(torch.device("cpu")) is False
-    assert "Adam's fused kernel did not record into a CUDA graph here (" in caplog.text
+        assert fused_adam_captures.__wrapped__(torch.optim.AdamW, torch.device("cpu")) is False
+    assert "AdamW's fused kernel did not record into a CUDA graph here (" in caplog.text
     assert "captured steps use its multi-tensor form" in caplog.text
 
 

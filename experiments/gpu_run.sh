@@ -170,15 +170,11 @@ if wanted ladder; then
   save
 fi
 
-# --- 3. the benchmark at full size ---------------------------------------------------------------------------
+# --- 3. the benchmark at full size, then the aten ops one step of each rung issues (experiments/speed/
+# step_ops.py, into run.log): what a captured step replays, beside each run's first-replay timing in the ladder's log
 if wanted bench; then
   step bench 240 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
     --override "data.cache_dir=$CACHE"
-fi
-
-# --- 3b. the aten ops one step of each rung issues (experiments/speed/step_ops.py): what a captured step replays,
-# beside each run's first-replay timing in the ladder's log (into run.log)
-if wanted bench; then
   step "step ops" 90 $PY experiments/speed/step_ops.py "${OPS[@]}"
 fi
 

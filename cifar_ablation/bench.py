@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import UserError
+from .config import validate
 from .data import Images, load_images
 from .layouts import bench_config, measure, parse
 from .model import kernels
@@ -172,8 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         ap.error(str(e))
 
-    cfg = bench_config(args)
-    images = load_images(cfg.data)
+    try:  # the CLI's checks, then the data's own errors (absent offline, unreadable): one line each
+        cfg = bench_config(args)
+        validate(cfg)
+        images = load_images(cfg.data)
+    except UserError as e:
+        ap.error(str(e))
     device = pick_device(cfg.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"bench: {len(images.train_y)} images of {images.source}, batch {args.batch_size}, tricks "

@@ -105,3 +105,17 @@ def test_the_bench_trains_on_the_original_cifar10_by_default(cifar10_root, tmp_p
     out = capsys.readouterr().out
     assert f"bench: 40 images of cifar10:{cifar10_root}" in out
     assert result["args"]["data"] == "cifar10" and result["trainer"]["images_per_second"] > 0
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--data", "/nonexistent/cifar.tar.gz"], "data.path='/nonexistent/cifar.tar.gz' is not allowed; data.path must "
+                                              "be an existing directory or archive"),
+    (["--tricks", "flip,bogus"], "trick='bogus' is not allowed; trick must be a list of known tricks, from: "),
+    (["--override", "train.epochs=0"], "train.epochs=0 is not allowed"),
+])
+def test_bad_input_stops_the_bench_with_one_line_naming_the_key(argv, says, capsys):
+    """The CLI's checks, before anything is read or measured: one error line, no traceback."""
+    with pytest.raises(SystemExit) as stop:
+        main(["--concurrent", "0", "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and says in err and "Traceback" not in err, err

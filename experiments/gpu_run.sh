@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The prepared run on a bare GPU machine (issue #10), in this order: the slide's 27-run ladder (one sweep) and its
-# report, the full-size benchmark and the aten ops of each rung's step, the two recipe forms side by side, then
-# the GPU tests one by one. Everything it produces goes under OUT as it comes, at most 8 files (what the device
-# tool returns):
+# The prepared run on a bare GPU machine (issue #10), in this order: the data decoded once; the slide's 27-run
+# ladder (one sweep) and its report, the GPU tests beside it; the full-size benchmark and the ops and kernels of
+# each rung's step; the two recipe forms side by side (the tests cut earlier beside them); the out-of-memory test
+# alone. Everything it produces goes under OUT as it comes, at most 8 files (what the device tool returns):
 #   run.log             every step's output and its wall time
 #   bench.json          the benchmark's numbers
 #   mlflow.db           the tracking store (re-report it later: report --tracking-uri sqlite:///…)
@@ -10,15 +10,18 @@
 #
 #   experiments/gpu_run.sh [--tiny] [--steps ladder,bench,forms,tests] [OUT]   (make gpu-run; OUT: $OUT, gpu_out)
 #
-# --steps picks steps (default: all four, in that order). One H100 call of 600 s may not hold them all (first
-# H100 run, experiments/slide_ladder/NOTES.md: one seed of the ladder took 270 s), so a session calls it twice on
-# the same warm machine, the second call at once with the budget left: WORK (default /tmp/cifar_ablation_gpu)
-# keeps the store, the decoded data and which steps ended well, so the second call goes on where the first
-# stopped (the ladder's FINISHED jobs are skipped and a cut job resumes from its last epoch's checkpoint).
-# The ladder's jobs run side by side in one process, each on its own CUDA stream (hydra/launcher=streams; RUNS at a
-# time, default all 27, so the three capacity jobs, the longest, start first; LAUNCHER=parallel: one process
-# each). Processes (the bench's, the forms') share the GPU through MPS (nvidia-cuda-mps-control) where it starts
-# (MPS=0: never): without it processes take turns on the GPU instead of running their kernels side by side.
+# --steps picks steps (default: all four). One H100 call of 600 s may not hold them all (second H100 run,
+# experiments/slide_ladder/NOTES.md: the ladder alone took ~600 s), so a session calls it twice on the same warm
+# machine, the second call at once with the budget left: WORK (default /tmp/cifar_ablation_gpu) keeps the store,
+# the decoded data and which steps ended well, so the second call goes on where the first stopped (the ladder's
+# FINISHED jobs are skipped and a cut job resumes from its last epoch's checkpoint).
+# The ladder's jobs are shared among PROCS processes (default 9 under MPS, 1 without), each training its share side
+# by side on CUDA streams (hydra/launcher=streams; RUNS at a time in all, default 27; LAUNCHER=parallel: one process
+# per job). Processes share the GPU through MPS (nvidia-cuda-mps-control) where it starts (MPS=0: never): without it
+# they take turns on the GPU instead of running their kernels side by side. Should the ladder's processes fail as
+# it starts, it goes on as one gang in one process.
+# The GPU tests check results, not speed: they run in the background beside the trainings measured for accuracy
+# (the ladder, the forms), never beside the benchmark; the out-of-memory test runs with nothing else on the GPU.
 # The GPU machine has python3 with torch but no Hydra or MLflow, no network, and no ../shared: carry the wheels
 # (make gpu-prep: ../shared/tools/offline-wheels.sh .whl) and the data (data/cifar10-jpeg.tar.gz) in
 # the checkout; the script installs the wheels into /tmp/site when Hydra is missing. --tiny is the same script
@@ -46,20 +49,22 @@ export PYTHONUNBUFFERED=1
 log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
-# step NAME SECONDS CMD...: run CMD with at most SECONDS (never past the budget), its output into the log. A step
-# that exited 0 is marked in WORK/done: a later call on the same machine skips it (the report always runs).
+# step NAME SECONDS CMD...: run CMD with at most SECONDS (never past the budget), its output into STEP_OUT (default
+# the log). A step that exited 0 is marked in WORK/done: a later call on the same machine skips it. NEED=N: start
+# it only with N seconds of budget left (a step cut short is run whole again by the next call).
 step() {
   local name=$1 limit=$2 start rc mark="$WORK/done/${1// /_}"
   shift 2
   if [ -e "$mark" ]; then log "== $name: done in an earlier call"; return 0; fi
   [ "$limit" -gt "$(left)" ] && limit=$(left)
   if [ "$limit" -le 5 ]; then log "== $name: skipped, the budget is spent"; return 1; fi
+  if [ "$(left)" -lt "${NEED:-0}" ]; then log "== $name: not started, it needs ${NEED}s, $(left)s are left"; return 1; fi
   log "== $name (at most ${limit}s): $*"
   start=$(date +%s)
-  timeout --signal=TERM --kill-after=15 "$limit" "$@" >>"$LOG" 2>&1
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" >>"${STEP_OUT:-$LOG}" 2>&1
   rc=$?
   log "== $name: exit $rc after $(( $(date +%s) - start ))s$(gpu_use "$start")"
-  [ $rc = 0 ] && [ "$name" != report ] && mkdir -p "$WORK/done" && touch "$mark"
+  [ $rc = 0 ] && mkdir -p "$WORK/done" && touch "$mark"
   return $rc
 }
 
@@ -81,6 +86,7 @@ fi
 MPS_ON=0
 cleanup() {
   [ -n "${SAMPLER:-}" ] && kill "$SAMPLER" 2>/dev/null
+  [ -n "${TESTS_PID:-}" ] && pkill -TERM -P "$TESTS_PID" 2>/dev/null  # the background tests' timeouts pass it on
   [ $MPS_ON = 1 ] && echo quit | nvidia-cuda-mps-control
 }
 trap cleanup EXIT
@@ -124,62 +130,113 @@ if [ $TINY = 1 ]; then  # RUN: the sizes of one run; SIZE: those of the ladder's
        train.eval_batch_size=100 train.epochs=1 device=cpu)
   SIZE=("${RUN[@]}" jobs_per_device=${RUNS:-2})
   PROCS=${PROCS:-2}
-  SMOKE=(seed=0 jobs_per_device=2)
   BENCH=(--subset 200 --val-subset 100 --epochs 3 --batch-size 50 --workers 0 --concurrent 2 --device cpu)
   OPS=(--device cpu --batch-size 8)
 else
   RUN=()
   SIZE=(jobs_per_device=${RUNS:-27})
-  PROCS=${PROCS:-3}  # gangs (processes) the ladder's runs are shared among: one launching thread each
-  SMOKE=(seed=0,1 jobs_per_device=4)
+  # the processes the ladder's runs are shared among, one launching thread each: one gang's thread held the second
+  # H100 run's whole ladder to ~750 training steps/s, and 9 processes under MPS went furthest in its bench
+  PROCS=${PROCS:-$([ $MPS_ON = 1 ] && echo 9 || echo 1)}
   BENCH=(--subset 50000 --val-subset 10000 --epochs 4 --batch-size 128 --workers 8 --concurrent 9
-         --layouts 1x9,3x3,9x1)
+         --layouts 9x1,3x3,1x9)  # the layout that went furthest first: a bench cut short still has it
   OPS=(--device cuda --batch-size 128)
 fi
 STORE=sqlite:///$WORK/mlflow.db
 save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
 
-# --- 2. the ladder, then its report ----------------------------------------------------------------------
-if wanted ladder; then
-  # first four small runs, as two gangs of two in two processes (--tiny: two of one), which also decodes the
-  # data once: should that fail on this machine, the ladder runs as one gang (PROCS=1), as on the second H100
-  # run (LAUNCHER= skips this)
-  if [ -z "${LAUNCHER:-}" ]; then
-    LAUNCHER=streams
-    if ! step "streams smoke" 150 $PY -m cifar_ablation -m 'trick=[dropout],[batchnorm,dropout,flip,crop]' \
-         "${SMOKE[@]}" data=imagefolder "data.path=$DATA" data.subset=2560 data.val_subset=500 train.epochs=2 \
-         "${RUN[@]}" hydra/launcher=streams hydra.launcher.processes=2 train.checkpoint=false \
-         "data.cache_dir=$CACHE" "mlflow.tracking_uri=$STORE" mlflow.experiment=streams-smoke \
-         "hydra.sweep.dir=$WORK/multirun/smoke"; then
-      PROCS=1
-      log "gangs in two processes failed their smoke run (above): the ladder runs as one gang in one process"
-    fi
+# --- 2. the data, decoded once into the cache the tests, the ladder, the bench and the forms read ----------------
+step data 120 $PY -c "import sys; from omegaconf import OmegaConf; from cifar_ablation.data import load_images
+i = load_images(OmegaConf.create(dict(name='imagefolder', path=sys.argv[1], cache_dir=sys.argv[2], subset=None,
+                                      val_subset=None)))
+print(f'{len(i.train_y)} training and {len(i.test_y)} test images of {i.source}, decoded into {sys.argv[2]}')" \
+  "$DATA" "$CACHE" || exit 1
+
+# --- the GPU tests, one at a time in the background (each reports as it ends; their output joins run.log when they
+# have all ended); --tiny: all in one pytest call (on a CPU each is skipped with its reason, and one start of
+# pytest costs ~5 s here). The out-of-memory test runs apart, at the end: it asks for more memory than the GPU has,
+# and beside it under MPS the other processes could meet the shortage.
+TESTS=(tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve:90
+       tests/test_gpu.py::test_the_batch_made_inside_the_graph_is_the_eager_batch:90
+       tests/test_gpu.py::test_a_training_step_never_waits_for_the_gpu:90
+       tests/test_gpu.py::test_a_captured_steps_adam_is_the_fused_kernel:45
+       tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns:90
+       tests/test_gpu.py::test_a_killed_cuda_run_resumes_on_the_graph_path:180
+       tests/test_gpu.py::test_runs_side_by_side_on_streams_train_as_they_do_alone:180
+       tests/test_learning.py::test_cuda_path_learns_clearly_above_chance:90)
+APART=tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change:60
+PYTEST=($PY -m pytest -q -p no:cacheprovider -rA --tb=short -s)
+start_tests() {  # the tests not yet passed, in the background
+  local t id todo=()
+  wanted tests || return 0
+  if [ $TINY = 1 ]; then
+    [ -e "$WORK/done/gpu_tests" ] || todo=("gpu tests:120:${TESTS[*]%:*}")
+  else
+    for t in "${TESTS[@]}"; do  # test_file::name:seconds
+      id=${t%:*}
+      [ -e "$WORK/done/test_${id##*::}" ] || todo+=("test ${id##*::}:${t##*:}:$id")
+    done
   fi
-  [ "$LAUNCHER" = streams ] && SIZE+=("hydra.launcher.processes=$PROCS")
-  # one sweep of 27 jobs, seed 0's nine first (conf/experiment/slide_ladder.yaml); per-epoch checkpoints, so a
-  # job the budget cuts resumes from its last epoch in the next call
+  [ ${#todo[@]} = 0 ] && return 0
+  ( export STEP_OUT=$WORK/tests.log
+    for t in "${todo[@]}"; do  # name:seconds:ids
+      IFS=: read -r name limit ids <<<"$t"
+      step "$name" "$limit" "${PYTEST[@]}" $ids
+    done ) &
+  TESTS_PID=$!
+}
+wait_tests() {  # until the background tests end; then their output into the log
+  [ -n "${TESTS_PID:-}" ] || return 0
+  wait "$TESTS_PID"
+  TESTS_PID=
+  if [ -s "$WORK/tests.log" ]; then
+    { echo "---- the GPU tests' output"; cat "$WORK/tests.log"; echo "---- (end of the tests' output)"; } >>"$LOG"
+    : >"$WORK/tests.log"
+  fi
+}
+
+# --- 3. the ladder, then its report -------------------------------------------------------------------------
+ladder() {  # ladder PROCESSES: one sweep of 27 jobs, seed 0's nine first (conf/experiment/slide_ladder.yaml);
+  # per-epoch checkpoints, so a job the budget cuts resumes from its last epoch in the next call
+  local share=()
+  [ "$LAUNCHER" = streams ] && share=("hydra.launcher.processes=$1")
   step ladder 600 $PY -m cifar_ablation experiment=slide_ladder data=imagefolder "data.path=$DATA" \
-    "hydra/launcher=$LAUNCHER" train.progress_every_s=60 "${SIZE[@]}" "data.cache_dir=$CACHE" \
+    "hydra/launcher=$LAUNCHER" train.progress_every_s=60 "${SIZE[@]}" "${share[@]}" "data.cache_dir=$CACHE" \
     "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder "hydra.sweep.dir=$WORK/multirun/ladder"
-  [ $? = 124 ] && log "the budget ended inside the ladder: the next call's ladder step goes on from here"
+}
+if wanted ladder; then
+  LAUNCHER=${LAUNCHER:-streams}
+  start_tests
+  LADDER_START=$(date +%s)
+  ladder "$PROCS"
+  rc=$?
+  if [ $rc != 0 ] && [ $rc != 124 ] && [ "$LAUNCHER" = streams ] && [ "$PROCS" != 1 ] \
+     && [ $(( $(date +%s) - LADDER_START )) -lt 150 ]; then
+    log "the ladder in $PROCS processes failed as it started (above): it goes on as one gang in one process"
+    ladder 1
+    rc=$?
+  fi
+  [ $rc = 124 ] && log "the budget ended inside the ladder: the next call's ladder step goes on from here"
   save
   BUDGET=$(( BUDGET + 40 ))  # the report runs even when the ladder used the whole budget
   step report 40 $PY -m cifar_ablation.report --tracking-uri "$STORE" --experiment slide-ladder --sweep all \
     --out "$OUT/slide_ladder"
+  [ -e "$WORK/done/ladder" ] || rm -f "$WORK/done/report"  # the report of a ladder cut short: made again next call
   BUDGET=$(( BUDGET - 40 ))
   save
 fi
+wait_tests
 
-# --- 3. the benchmark at full size, then the aten ops one step of each rung issues (experiments/speed/
-# step_ops.py, into run.log): what a captured step replays, beside each run's first-replay timing in the ladder's log
+# --- 4. the benchmark at full size (alone on the GPU), then the ops and kernels one step of each rung issues
+# (experiments/speed/step_ops.py, into run.log), beside each run's first-replay timing in the ladder's log
 if wanted bench; then
-  step bench 240 $PY -m cifar_ablation.bench --data "$DATA" "${BENCH[@]}" --json "$OUT/bench.json" \
-    --override "data.cache_dir=$CACHE"
+  NEED=$([ $TINY = 1 ] && echo 0 || echo 150) step bench 240 $PY -m cifar_ablation.bench --data "$DATA" \
+    "${BENCH[@]}" --json "$OUT/bench.json" --override "data.cache_dir=$CACHE"
   step "step ops" 90 $PY experiments/speed/step_ops.py "${OPS[@]}"
 fi
 
-# --- 4. with what budget is left: the top rung in the forms the recipe departs from (seed 0, side by side) ----
-# the slide's crop-and-resize at capacity x4, and the translate crop at the default capacity x2
+# --- 5. with what budget is left: the top rung in the forms the recipe departs from (seed 0, side by side), and
+# the tests not yet passed beside them: the slide's crop-and-resize at capacity x4, the translate crop at x2
 ALL='trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]'
 form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
   local limit=$1
@@ -188,6 +245,7 @@ form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
     "data.path=$DATA" "data.cache_dir=$CACHE" "$@" train.checkpoint=false train.progress_every_s=0 \
     "${RUN[@]}" "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder-forms >>"$LOG" 2>&1 &
 }
+start_tests
 if wanted forms && [ -e "$WORK/done/forms" ]; then
   log "== forms: done in an earlier call"
 elif wanted forms && [ "$(left)" -gt 30 ]; then
@@ -202,27 +260,10 @@ elif wanted forms && [ "$(left)" -gt 30 ]; then
   [ $r1 = 0 ] && [ $r2 = 0 ] && mkdir -p "$WORK/done" && touch "$WORK/done/forms"
   log "== forms: $([ -e "$WORK/done/forms" ] && echo done || echo 'cut or failed (the next call runs what is left)')$(gpu_use "$FORMS_START")"
 fi
-# --- 5. the GPU tests, one at a time (each reports as it ends); --tiny: all in one pytest call (on a CPU each is
-# skipped with its reason, and one start of pytest costs ~5 s here)
+wait_tests
 if wanted tests; then
-  TESTS=(tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve:60
-         tests/test_gpu.py::test_the_batch_made_inside_the_graph_is_the_eager_batch:60
-         tests/test_gpu.py::test_a_training_step_never_waits_for_the_gpu:60
-         tests/test_gpu.py::test_a_captured_steps_adam_is_the_fused_kernel:30
-         tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns:60
-         tests/test_gpu.py::test_a_killed_cuda_run_resumes_on_the_graph_path:120
-         tests/test_gpu.py::test_runs_side_by_side_on_streams_train_as_they_do_alone:120
-         tests/test_learning.py::test_cuda_path_learns_clearly_above_chance:60
-         tests/test_faults.py::test_cuda_out_of_memory_fails_saying_what_to_change:60)
-  PYTEST=($PY -m pytest -q -p no:cacheprovider -rA --tb=short -s)
-  if [ $TINY = 1 ]; then
-    step "gpu tests" 120 "${PYTEST[@]}" "${TESTS[@]%:*}"
-  else
-    for t in "${TESTS[@]}"; do  # test_file::name:seconds
-      id=${t%:*}
-      step "test ${id##*::}" "${t##*:}" "${PYTEST[@]}" "$id"
-    done
-  fi
+  id=${APART%:*}
+  step "test ${id##*::}" "${APART##*:}" "${PYTEST[@]}" "$id"
 fi
 
 save

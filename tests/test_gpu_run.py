@@ -28,12 +28,18 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
                          capture_output=True, text=True, timeout=600)
     log = (out / "run.log").read_text()
     assert res.returncode == 0, log[-4000:] + res.stderr[-2000:]
-    for step in ("streams smoke", "ladder", "report", "bench", "step ops", "forms", "gpu tests"):
-        assert f"== {step}: exit 0" in log or f"== {step}: done" in log, step
+    steps = ("data", "ladder", "report", "bench", "step ops", "forms", "gpu tests",
+             "test test_cuda_out_of_memory_fails_saying_what_to_change")
+    for step in steps:
+        assert f"== {step}: exit 0" in log or f"== {step}: done," in log, step  # forms: both runs ended 0
+    # in this order, the tests in the background from the ladder's start (their output after the ladder's report)
+    at = {step: log.index(f"== {step} (at most") for step in steps}
+    assert at["data"] < at["gpu tests"] < at["report"] and at["data"] < at["ladder"] < at["report"], at
+    assert at["report"] < at["bench"] < at["step ops"] < at["forms"] < at[steps[-1]], at
+    assert log.index("---- the GPU tests' output") > log.index("== report: exit 0")
     assert re.search(r"\| 8 \| capacity \| \d+ \|", log)  # the ops of each rung's step, rung 0 to 8
-    assert "11 skipped" in log  # the 9 GPU tests (2 parametrized twice), with their reason, on a CPU
-    assert "Launching 2 jobs in 2 processes, 1 at a time in each" in log  # the smoke: two gangs, two processes
-    assert "Launching 27 jobs in 2 processes, 1 at a time in each" in log  # the ladder's launcher: the same
+    assert "10 skipped" in log and "1 skipped" in log  # the 9 GPU tests (2 parametrized twice), with their reason
+    assert "Launching 27 jobs in 2 processes, 1 at a time in each" in log  # the ladder: two gangs, two processes
     assert log.count("Launching 14 jobs in this process") == 1 and log.count("Launching 13 jobs in this process") == 1
     assert re.search(r"== ladder: exit 0 after \d+s, GPU busy mean 37 % \(max 37 %\), memory up to 1234 MiB", log)
     assert re.search(r"streams: [\d,]+ training steps in \d+ s, [\d,]+ steps/s in all; CPU \d+ % of one core", log)
@@ -56,4 +62,14 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
     assert again.returncode == 0, log2[-3000:]
     assert "== bench: done in an earlier call" in log2 and "== ladder" not in log2
     assert "== forms: done in an earlier call" in log2
-    assert "== gpu tests: done in an earlier call" in log2
+    assert "== gpu tests" not in log2 and "== test test_cuda_out_of_memory_fails_saying_what_to_change: done" in log2
+
+    # the ladder's processes fail as it starts (here: 0 processes, which the launcher refuses): it goes on as one
+    # gang in one process, and finishes
+    env3 = {**env, "WORK": str(tmp_path / "work3"), "PROCS": "0"}
+    third = subprocess.run(["bash", "experiments/gpu_run.sh", "--tiny", "--steps", "ladder", str(tmp_path / "3")],
+                           cwd=ROOT, env=env3, capture_output=True, text=True, timeout=300)
+    log3 = (tmp_path / "3" / "run.log").read_text()
+    assert third.returncode == 0, log3[-3000:]
+    assert "hydra.launcher.processes=0" in log3 and "it goes on as one gang in one process" in log3
+    assert "Launching 27 jobs in this process" in log3 and log3.count("== ladder: exit 0") == 1

@@ -1,7 +1,10 @@
 """The aten ops one training step issues, per rung of the slide's ladder with its recipe
-(conf/experiment/slide_ladder.yaml): a proxy for the kernels a captured step replays, one after another.
+(conf/experiment/slide_ladder.yaml): a proxy for the kernels a captured step replays, one after another; on
+CUDA also the kernels themselves (torch.profiler over --profile steps): how many, their summed time on the GPU
+per step, and the three that take most of it. Beside the ladder's "graph replay: ... the step X ms on the GPU"
+line, a kernel time near X says the GPU is busy with the step's kernels; far below X, it waits between them.
 
-    python experiments/speed/step_ops.py [--device cpu|cuda] [--batch-size 128]
+    python experiments/speed/step_ops.py [--device cpu|cuda] [--batch-size 128] [--profile 5]
 
 Each rung's real setup() on random images (the ops do not depend on them), the optimizer as a captured step
 makes it (make_optimizer(graph=True)), the step eager; a TorchDispatchMode counts the ops of its second step
@@ -14,6 +17,8 @@ import argparse
 
 import torch
 from hydra import compose, initialize_config_dir
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifar_ablation.checks import CONF_DIR
@@ -41,7 +46,10 @@ def random_images(n: int) -> Images:
     return Images(x, y, x[:100], y[:100], [str(c) for c in range(10)], "random", "random")
 
 
-def step_ops(tricks: list[str], device: torch.device, batch_size: int, images: Images) -> int:
+def step_ops(tricks: list[str], device: torch.device, batch_size: int, images: Images,
+             steps: int) -> tuple[int, str]:
+    """The aten ops of one step, and the kernel columns of the table over `steps` more steps (on the CPU:
+    none, the profiler runs all the same)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "experiment=slide_ladder", f"trick=[{','.join(tricks)}]", f"device={device.type}",
@@ -54,25 +62,51 @@ def step_ops(tricks: list[str], device: torch.device, batch_size: int, images: I
     p.step(next(batches))
     with Ops() as ops:
         p.step(next(batches))
-    return ops.n
+    if steps == 0:
+        return ops.n, ""
+    return ops.n, kernels(lambda: p.step(next(batches)), device, steps)
+
+
+def kernels(step, device: torch.device, steps: int) -> str:
+    """| kernels per step | their time on the GPU per step | the three longest (share of that time) |"""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == DeviceType.CUDA]
+    except Exception as e:  # noqa: BLE001 — no CUPTI here: the ops still count
+        return f" – | – | the profiler failed: {type(e).__name__}: {str(e)[:80]} |"
+    if not events:
+        return " – | – | – |"
+    time: dict[str, float] = {}
+    for e in events:
+        name = e.name().split("<")[0].split("(")[0][:48]
+        time[name] = time.get(name, 0.0) + e.duration_ns() / 1e6
+    total = sum(time.values())
+    top = ", ".join(f"{n} {100 * t / total:.0f} %" for n, t in sorted(time.items(), key=lambda kv: -kv[1])[:3])
+    return f" {len(events) / steps:.0f} | {total / steps:.3f} | {top} |"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--profile", type=int, default=5, help="steps the kernel columns average over (0: none)")
     args = ap.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         order = list(compose(config_name="config").ablation.order)
-    images, device = random_images(4 * args.batch_size), torch.device(args.device)
-    print(f"aten ops per training step, batch {args.batch_size}, on {device} (torch {torch.__version__})\n"
-          "| rung | adds | ops |\n|---|---|---|")
+    images, device = random_images((4 + args.profile) * args.batch_size), torch.device(args.device)
+    print(f"aten ops and CUDA kernels per training step, batch {args.batch_size}, on {device} (torch "
+          f"{torch.__version__})\n| rung | adds | ops | kernels | kernel ms | longest kernels |\n|---|---|---|---|---|---|")
     total = 0
     for k in range(len(order) + 1):
-        n = step_ops(order[:k], device, args.batch_size, images)
+        n, cols = step_ops(order[:k], device, args.batch_size, images, args.profile)
         total += n
-        print(f"| {k} | {order[k - 1] if k else 'baseline'} | {n} |", flush=True)
-    print(f"| all | | {total} |")
+        print(f"| {k} | {order[k - 1] if k else 'baseline'} | {n} |{cols or ' | | |'}", flush=True)
+    print(f"| all | | {total} | | | |")
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ ladder() {  # ladder PROCESSES: one sweep of 27 jobs, seed 0's nine first (conf/
 }
 if wanted ladder; then
   LAUNCHER=${LAUNCHER:-streams}
-  start_tests
+  [ -e "$WORK/done/ladder" ] || start_tests  # beside the ladder; when it is done already, beside the forms
   LADDER_START=$(date +%s)
   ladder "$PROCS"
   rc=$?
@@ -268,3 +268,28 @@ fi
 
 save
 log "done in $(( $(date +%s) - T0 ))s"
+
+# --- the lines to read first, at the end (the device tool returns the output's tail): every step's end, any fallback
+# from the captured step, each ladder run's first replay (job k: rung k % 9, seed k / 9), the gangs' final pace,
+# the sweeps' ends, the tests' results, and the tables (the bench's, the step ops')
+summary() {
+  awk '
+    /^\[[0-9:]+ \+[0-9]+s\] == / && !/\(at most/ { steps = steps "  " $0 "\n" }
+    /== ladder \(at most/ { ladder = 1 } /== ladder: / { ladder = 0 }
+    /capture failed|could not be captured|did not record|training eagerly|failed as it started/ { falls = falls "  " $0 "\n" }
+    ladder && /graph replay: its launch takes/ {
+      match($0, /#[0-9]+ /); job = substr($0, RSTART + 1, RLENGTH - 2)
+      match($0, /takes [0-9]+ us/); us = substr($0, RSTART + 6, RLENGTH - 9)
+      match($0, /step [0-9.]+ ms/); ms = substr($0, RSTART + 5, RLENGTH - 8)
+      replays = replays sprintf("  #%s rung %d seed %d: launch %s us, step %s ms on the GPU\n", job, job % 9, int(job / 9), us, ms)
+    }
+    /streams: [0-9,]+ training steps in/ { sub(/^.*streams: /, ""); paces = paces "  " $0 "\n" }
+    /sweep run [0-9a-f]+ (FINISHED|FAILED|KILLED)/ { sub(/^.*sweep run /, "sweep run "); sweeps = sweeps "  " $0 "\n" }
+    /^(PASSED|FAILED|ERROR|SKIPPED) / || /^=* ?[0-9]+ (passed|failed|skipped|error)/ { tests = tests "  " $0 "\n" }
+    /^\| / { tables = tables $0 "\n" }
+    END {
+      printf "==== summary of %s (the whole log above)\nsteps:\n%sfallbacks from the captured step: %s", FILENAME, steps, falls ? "\n" falls : "none\n"
+      printf "first replays of the ladder runs:\n%sgangs (final pace):\n%ssweeps:\n%sGPU tests:\n%stables:\n%s", replays ? replays : "  none (no CUDA)\n", paces, sweeps, tests ? tests : "  none ran\n", tables
+    }' "$LOG"
+}
+summary | tee -a "$LOG"

@@ -43,6 +43,12 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
     assert log.count("Launching 14 jobs in this process") == 1 and log.count("Launching 13 jobs in this process") == 1
     assert re.search(r"== ladder: exit 0 after \d+s, GPU busy mean 37 % \(max 37 %\), memory up to 1234 MiB", log)
     assert re.search(r"streams: [\d,]+ training steps in \d+ s, [\d,]+ steps/s in all; CPU \d+ % of one core", log)
+    # the summary at the end, where the device tool's output tail shows it
+    tail = res.stdout[res.stdout.index("==== summary of"):]
+    assert "fallbacks from the captured step: none" in tail and "none (no CUDA)" in tail
+    assert "== ladder: exit 0" in tail and "FINISHED (jobs: FINISHED: 27)" in tail
+    assert re.search(r"SKIPPED \[1\] tests/test_faults.py:\d+: CUDA out-of-memory needs a CUDA device", tail)
+    assert "| 8 | capacity | 212 |" in tail and "| ratio trainer / textbook |" in tail
     bench = json.loads((out / "bench.json").read_text())
     assert [(r["layout"], r["runs"]) for r in bench["layouts"]] == [("1x2", 2), ("2x1", 2)]
     assert all(r["aggregate_images_per_second"] > 0 and "steady_images_per_second" in r for r in bench["layouts"])
@@ -54,15 +60,18 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
     assert all(r["n"] == "3" for r in rows), [(r["row"], r["n"]) for r in rows]  # seeds 0, 1, 2
     assert (out / "slide_ladder" / "ladder_accuracy.png").exists()
 
-    # a second call on the same machine (the same WORK) goes on where the first stopped: nothing is run again
-    again = subprocess.run(["bash", "experiments/gpu_run.sh", "--tiny", "--steps", "bench,forms,tests",
-                            str(tmp_path / "2")],
+    # a second call on the same machine (the same WORK) goes on where the first stopped: nothing is run again but
+    # what the first call cut (here: the tests, their mark taken back), after the bench, beside the forms
+    (tmp_path / "work" / "done" / "gpu_tests").unlink()
+    again = subprocess.run(["bash", "experiments/gpu_run.sh", "--tiny", str(tmp_path / "2")],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     log2 = (tmp_path / "2" / "run.log").read_text()
     assert again.returncode == 0, log2[-3000:]
-    assert "== bench: done in an earlier call" in log2 and "== ladder" not in log2
-    assert "== forms: done in an earlier call" in log2
-    assert "== gpu tests" not in log2 and "== test test_cuda_out_of_memory_fails_saying_what_to_change: done" in log2
+    for step in ("data", "ladder", "report", "bench", "step ops", "forms",
+                 "test test_cuda_out_of_memory_fails_saying_what_to_change"):
+        assert f"== {step}: done in an earlier call" in log2, step
+    assert log2.index("== bench: done") < log2.index("== gpu tests (at most")  # not started beside the ladder
+    assert "== gpu tests: exit 0" in log2
 
     # the ladder's processes fail as it starts (here: 0 processes, which the launcher refuses): it goes on as one
     # gang in one process, and finishes
@@ -72,4 +81,4 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
     log3 = (tmp_path / "3" / "run.log").read_text()
     assert third.returncode == 0, log3[-3000:]
     assert "hydra.launcher.processes=0" in log3 and "it goes on as one gang in one process" in log3
-    assert "Launching 27 jobs in this process" in log3 and log3.count("== ladder: exit 0") == 1
+    assert "Launching 27 jobs in this process" in log3 and log3.split("==== summary of")[0].count("== ladder: exit 0") == 1

@@ -269,9 +269,9 @@ fi
 save
 log "done in $(( $(date +%s) - T0 ))s"
 
-# --- the lines to read first, at the end (the device tool returns the output's tail): every step's end, any fallback
-# from the captured step, each ladder run's first replay (job k: rung k % 9, seed k / 9), the gangs' final pace,
-# the sweeps' ends, the tests' results, and the tables (the bench's, the step ops')
+# --- the lines to read first, at the end (the device tool returns the output's last 12,000 characters): the
+# tables (the ladder's, the bench's, the step ops'), each ladder run's first replay (job k: rung k % 9, seed k / 9),
+# the gangs' final pace, the sweeps' ends, the tests' results, any fallback from the captured step, every step's end
 summary() {
   awk '
     /^\[[0-9:]+ \+[0-9]+s\] == / && !/\(at most/ { steps = steps "  " $0 "\n" }
@@ -287,9 +287,10 @@ summary() {
     /sweep run [0-9a-f]+ (FINISHED|FAILED|KILLED)/ { sub(/^.*sweep run /, "sweep run "); sweeps = sweeps "  " $0 "\n" }
     /^(PASSED|FAILED|ERROR|SKIPPED) / || /^=* ?[0-9]+ (passed|failed|skipped|error)/ { tests = tests "  " $0 "\n" }
     /^\| / { tables = tables $0 "\n" }
-    END {
-      printf "==== summary of %s (the whole log above)\nsteps:\n%sfallbacks from the captured step: %s", FILENAME, steps, falls ? "\n" falls : "none\n"
-      printf "first replays of the ladder runs:\n%sgangs (final pace):\n%ssweeps:\n%sGPU tests:\n%stables:\n%s", replays ? replays : "  none (no CUDA)\n", paces, sweeps, tests ? tests : "  none ran\n", tables
+    END {  # the most telling last: a tail cut short loses the tables first (they are in run.log and OUT too)
+      printf "==== summary of %s (the whole log above)\ntables:\n%s", FILENAME, tables
+      printf "first replays of the ladder runs:\n%sgangs (final pace):\n%ssweeps:\n%sGPU tests:\n%s", replays ? replays : "  none (no CUDA)\n", paces, sweeps, tests ? tests : "  none ran\n"
+      printf "fallbacks from the captured step: %ssteps:\n%s", falls ? "\n" falls : "none\n", steps
     }' "$LOG"
 }
 summary | tee -a "$LOG"

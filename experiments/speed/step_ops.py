@@ -1,10 +1,11 @@
 """The aten ops one training step issues, per rung of the slide's ladder with its recipe
 (conf/experiment/slide_ladder.yaml): a proxy for the kernels a captured step replays, one after another; on
 CUDA also the kernels themselves (torch.profiler over --profile steps): how many, their summed time on the GPU
-per step, and the three that take most of it. Beside the ladder's "graph replay: ... the step X ms on the GPU"
-line, a kernel time near X says the GPU is busy with the step's kernels; far below X, it waits between them.
+per step, and the three that take most of it; and the captured step alone: one replay's time on the GPU, a
+launch's CPU time, and replays back to back. A kernel time near the replay's says the GPU is busy with the
+step's kernels; far below it, it waits between them; back to back near 1e6 / launch us, the thread bounds a run.
 
-    python experiments/speed/step_ops.py [--device cpu|cuda] [--batch-size 128] [--profile 5]
+    python experiments/speed/step_ops.py [--device cpu|cuda] [--batch-size 128] [--profile 5] [--replays 40]
 
 Each rung's real setup() on random images (the ops do not depend on them), the optimizer as a captured step
 makes it (make_optimizer(graph=True)), the step eager; a TorchDispatchMode counts the ops of its second step
@@ -14,6 +15,7 @@ convolution's backward is one op and two or three kernels; on the CPU dropout is
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -24,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cifar_ablation.checks import CONF_DIR
 from cifar_ablation.config import apply_trick_params
 from cifar_ablation.data import Images
-from cifar_ablation.steps import EagerStep
+from cifar_ablation.steps import WARMUP, EagerStep
 from cifar_ablation.train import make_optimizer, setup
 
 
@@ -46,19 +48,26 @@ def random_images(n: int) -> Images:
     return Images(x, y, x[:100], y[:100], [str(c) for c in range(10)], "random", "random")
 
 
+def parts(tricks: list[str], device: torch.device, batch_size: int, images: Images, graph: bool):
+    """A rung's real setup(): its step captured (graph=True: train.cuda_graph=true), else eager with the optimizer
+    a captured step has."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "experiment=slide_ladder", f"trick=[{','.join(tricks)}]", f"device={device.type}",
+            f"train.batch_size={batch_size}", f"train.cuda_graph={str(graph).lower()}", "hydra.mode=RUN"])
+    apply_trick_params(cfg)
+    p = setup(cfg, images, device)
+    if not graph:
+        p.opt, p.sched = make_optimizer(p.model, cfg.optim, 100, graph=True)
+        p.step = EagerStep(p)
+    return p, iter(p.train_loader.indices())
+
+
 def step_ops(tricks: list[str], device: torch.device, batch_size: int, images: Images,
              steps: int) -> tuple[int, str]:
     """The aten ops of one step, and the kernel columns of the table over `steps` more steps (on the CPU:
     none, the profiler runs all the same)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "experiment=slide_ladder", f"trick=[{','.join(tricks)}]", f"device={device.type}",
-            f"train.batch_size={batch_size}", "train.cuda_graph=false", "hydra.mode=RUN"])
-    apply_trick_params(cfg)
-    p = setup(cfg, images, device)
-    p.opt, p.sched = make_optimizer(p.model, cfg.optim, 100, graph=True)
-    p.step = EagerStep(p)
-    batches = iter(p.train_loader.indices())
+    p, batches = parts(tricks, device, batch_size, images, graph=False)
     p.step(next(batches))
     with Ops() as ops:
         p.step(next(batches))
@@ -90,23 +99,58 @@ def kernels(step, device: torch.device, steps: int) -> str:
     return f" {len(events) / steps:.0f} | {total / steps:.3f} | {top} |"
 
 
+def replays(tricks: list[str], device: torch.device, batch_size: int, images: Images, n: int) -> str:
+    """The captured step alone on the GPU (CUDA only): | one replay's time on the GPU, ms | the CPU time of a
+    launch (the index copy and the replay call), us | steps/s of n replays back to back |. Back to back near
+    1000 / GPU ms: one run is bound by the GPU's run of its kernels; near 1e6 / launch us: by its thread."""
+    if device.type != "cuda":
+        return " – | – | – |"
+    try:
+        p, batches = parts(tricks, device, batch_size, images, graph=True)
+        for _ in range(WARMUP + 2):  # warm-up, capture (and its timed first replay), one more replay
+            p.step(next(batches))
+            p.step.schedule()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        p.step(next(batches))
+        end.record()
+        end.synchronize()
+        one, launch, t0 = start.elapsed_time(end), 0.0, time.perf_counter()
+        for _ in range(n):
+            idx = next(batches)
+            t = time.perf_counter()
+            p.step(idx)
+            launch += time.perf_counter() - t
+            p.step.schedule()
+        torch.cuda.synchronize(device)
+        rate = n / (time.perf_counter() - t0)
+        return f" {one:.3f} | {1e6 * launch / n:.0f} | {rate:,.0f} |"
+    except Exception as e:  # noqa: BLE001 — the other columns stand
+        return f" the captured step failed: {type(e).__name__}: {str(e)[:80]} | – | – |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--profile", type=int, default=5, help="steps the kernel columns average over (0: none)")
+    ap.add_argument("--replays", type=int, default=40, help="captured steps timed back to back (CUDA)")
     args = ap.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         order = list(compose(config_name="config").ablation.order)
-    images, device = random_images((4 + args.profile) * args.batch_size), torch.device(args.device)
+    device = torch.device(args.device)
+    images = random_images((WARMUP + 4 + max(args.profile, args.replays)) * args.batch_size)
     print(f"aten ops and CUDA kernels per training step, batch {args.batch_size}, on {device} (torch "
-          f"{torch.__version__})\n| rung | adds | ops | kernels | kernel ms | longest kernels |\n|---|---|---|---|---|---|")
+          f"{torch.__version__}); the captured step alone\n| rung | adds | ops | kernels | kernel ms | longest "
+          "kernels | replay ms on the GPU | launch us | steps/s back to back |\n|---|---|---|---|---|---|---|---|---|")
     total = 0
     for k in range(len(order) + 1):
         n, cols = step_ops(order[:k], device, args.batch_size, images, args.profile)
         total += n
-        print(f"| {k} | {order[k - 1] if k else 'baseline'} | {n} |{cols or ' | | |'}", flush=True)
-    print(f"| all | | {total} | | | |")
+        print(f"| {k} | {order[k - 1] if k else 'baseline'} | {n} |{cols or ' | | |'}"
+              f"{replays(order[:k], device, args.batch_size, images, args.replays)}", flush=True)
+    print(f"| all | | {total} | | | | | | |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared run on a bare GPU machine (issue #10), in this order: the data decoded once; the slide's 27-run
-# ladder (one sweep) and its report, the GPU tests beside it; the full-size benchmark and the ops and kernels of
-# each rung's step; the two recipe forms side by side (the tests cut earlier beside them); the out-of-memory test
-# alone. Everything it produces goes under OUT as it comes, at most 8 files (what the device tool returns):
+# ladder (one sweep) and its report, the GPU tests beside it; the full-size benchmark; the two recipe forms side
+# by side (the tests cut earlier beside them); the ops, kernels and replay of each rung's step; the out-of-memory
+# test alone. Everything it produces goes under OUT as it comes, at most 8 files (what the device tool returns):
 #   run.log             every step's output and its wall time
 #   bench.json          the benchmark's numbers
 #   mlflow.db           the tracking store (re-report it later: report --tracking-uri sqlite:///…)
@@ -227,16 +227,15 @@ if wanted ladder; then
 fi
 wait_tests
 
-# --- 4. the benchmark at full size (alone on the GPU), then the ops and kernels one step of each rung issues
-# (experiments/speed/step_ops.py, into run.log), beside each run's first-replay timing in the ladder's log
+# --- 4. the benchmark at full size, alone on the GPU
 if wanted bench; then
   NEED=$([ $TINY = 1 ] && echo 0 || echo 150) step bench 240 $PY -m cifar_ablation.bench --data "$DATA" \
     "${BENCH[@]}" --json "$OUT/bench.json" --override "data.cache_dir=$CACHE"
-  step "step ops" 90 $PY experiments/speed/step_ops.py "${OPS[@]}"
 fi
 
 # --- 5. with what budget is left: the top rung in the forms the recipe departs from (seed 0, side by side), and
-# the tests not yet passed beside them: the slide's crop-and-resize at capacity x4, the translate crop at x2
+# the tests not yet passed beside them: the slide's crop-and-resize at capacity x4, the translate crop at x2.
+# They start only with FORMS_NEED seconds left (a form cut short is lost: no checkpoints), else the time goes on
 ALL='trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]'
 form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
   local limit=$1
@@ -248,7 +247,9 @@ form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
 start_tests
 if wanted forms && [ -e "$WORK/done/forms" ]; then
   log "== forms: done in an earlier call"
-elif wanted forms && [ "$(left)" -gt 30 ]; then
+elif wanted forms && [ "$(left)" -lt "${FORMS_NEED:-$([ $TINY = 1 ] && echo 30 || echo 120)}" ]; then
+  log "== forms: not started, $(left)s are left (the next call runs them)"
+elif wanted forms; then
   log "== forms (at most $(left)s): crop=resize at capacity x4, crop=translate at capacity x2"
   FORMS_START=$(date +%s)
   form "$(left)" trick.crop.mode=resize trick.capacity.width_mult=4 trick.capacity.dense_mult=2
@@ -261,6 +262,13 @@ elif wanted forms && [ "$(left)" -gt 30 ]; then
   log "== forms: $([ -e "$WORK/done/forms" ] && echo done || echo 'cut or failed (the next call runs what is left)')$(gpu_use "$FORMS_START")"
 fi
 wait_tests
+
+# --- 6. the ops and kernels one step of each rung issues, and its captured step alone on the GPU
+# (experiments/speed/step_ops.py, into run.log: beside each run's first replay in the ladder's log); then the
+# out-of-memory test, alone
+if wanted bench; then
+  step "step ops" 90 $PY experiments/speed/step_ops.py "${OPS[@]}"
+fi
 if wanted tests; then
   id=${APART%:*}
   step "test ${id##*::}" "${APART##*:}" "${PYTEST[@]}" "$id"

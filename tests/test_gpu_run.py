@@ -35,7 +35,7 @@ def test_gpu_run_script_in_tiny_cpu_mode(tmp_path, imagefolder):
     # in this order, the tests in the background from the ladder's start (their output after the ladder's report)
     at = {step: log.index(f"== {step} (at most") for step in steps}
     assert at["data"] < at["gpu tests"] < at["report"] and at["data"] < at["ladder"] < at["report"], at
-    assert at["report"] < at["bench"] < at["step ops"] < at["forms"] < at[steps[-1]], at
+    assert at["report"] < at["bench"] < at["forms"] < at["step ops"] < at[steps[-1]], at
     assert log.index("---- the GPU tests' output") > log.index("== report: exit 0")
     assert re.search(r"\| 8 \| capacity \| \d+ \|", log)  # the ops of each rung's step, rung 0 to 8
     assert "10 skipped" in log and "1 skipped" in log  # the 9 GPU tests (2 parametrized twice), with their reason

@@ -235,7 +235,9 @@ fi
 
 # --- 5. with what budget is left: the top rung in the forms the recipe departs from (seed 0, side by side), and
 # the tests not yet passed beside them: the slide's crop-and-resize at capacity x4, the translate crop at x2.
-# They start only with FORMS_NEED seconds left (a form cut short is lost: no checkpoints), else the time goes on
+# They start only with FORMS_NEED seconds left (a form cut short is lost: it keeps no checkpoints); else the time
+# goes to the step ops, and the next call runs the forms
+FORMS_NEED=$([ $TINY = 1 ] && echo 30 || echo 120)
 ALL='trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]'
 form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
   local limit=$1
@@ -247,7 +249,7 @@ form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
 start_tests
 if wanted forms && [ -e "$WORK/done/forms" ]; then
   log "== forms: done in an earlier call"
-elif wanted forms && [ "$(left)" -lt "${FORMS_NEED:-$([ $TINY = 1 ] && echo 30 || echo 120)}" ]; then
+elif wanted forms && [ "$(left)" -lt $FORMS_NEED ]; then
   log "== forms: not started, $(left)s are left (the next call runs them)"
 elif wanted forms; then
   log "== forms (at most $(left)s): crop=resize at capacity x4, crop=translate at capacity x2"

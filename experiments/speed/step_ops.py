@@ -90,12 +90,12 @@ def kernels(step, device: torch.device, steps: int) -> str:
         return f" – | – | the profiler failed: {type(e).__name__}: {str(e)[:80]} |"
     if not events:
         return " – | – | – |"
-    time: dict[str, float] = {}
+    spent: dict[str, float] = {}  # ms per kernel name
     for e in events:
         name = e.name().split("<")[0].split("(")[0][:48]
-        time[name] = time.get(name, 0.0) + e.duration_ns() / 1e6
-    total = sum(time.values())
-    top = ", ".join(f"{n} {100 * t / total:.0f} %" for n, t in sorted(time.items(), key=lambda kv: -kv[1])[:3])
+        spent[name] = spent.get(name, 0.0) + e.duration_ns() / 1e6
+    total = sum(spent.values())
+    top = ", ".join(f"{n} {100 * t / total:.0f} %" for n, t in sorted(spent.items(), key=lambda kv: -kv[1])[:3])
     return f" {len(events) / steps:.0f} | {total / steps:.3f} | {top} |"
 
 
@@ -103,7 +103,7 @@ def replays(tricks: list[str], device: torch.device, batch_size: int, images: Im
     """The captured step alone on the GPU (CUDA only): | one replay's time on the GPU, ms | the CPU time of a
     launch (the index copy and the replay call), us | steps/s of n replays back to back |. Back to back near
     1000 / GPU ms: one run is bound by the GPU's run of its kernels; near 1e6 / launch us: by its thread."""
-    if device.type != "cuda":
+    if device.type != "cuda" or n == 0:
         return " – | – | – |"
     try:
         p, batches = parts(tricks, device, batch_size, images, graph=True)

@@ -90,7 +90,8 @@ class EagerStep:
 class GraphStep(EagerStep):
     """The whole step captured as one CUDA graph after WARMUP eager steps, then replayed. With strict=False
     (train.cuda_graph=auto) a failed warm-up or capture logs the reason and goes on eagerly, losing nothing:
-    a failed capture executes none of its ops. `batch_inside`: whether the graph makes the batch too."""
+    a failed capture executes none of its ops. Out of memory in a warm-up step is the run's error, not the
+    capture's (the eager step would meet it too). `batch_inside`: whether the graph makes the batch too."""
 
     kind = "cuda_graph"
 
@@ -110,8 +111,8 @@ class GraphStep(EagerStep):
             if self.graph is None:
                 self._capture(idx)
         except Exception as e:
-            if self.strict:
-                raise
+            if self.strict or (isinstance(e, torch.OutOfMemoryError) and self.warmed < WARMUP):
+                raise  # a warm-up step is an eager step: out of memory there, it would be out of memory eagerly
             self.fallback = _reason(e)
             self.kind = "eager"
             log.warning("CUDA graph capture failed, training eagerly from here on (train.cuda_graph=auto): %s",

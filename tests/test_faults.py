@@ -123,8 +123,11 @@ def test_diverging_job_fails_with_reason_and_the_sweep_goes_on(tmp_path, imagefo
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA out-of-memory needs a CUDA device")
 def test_cuda_out_of_memory_fails_saying_what_to_change(tmp_path, imagefolder, tracking_db):
     db = tracking_db
-    # one 4096-channel block on 4096 images at once: ~64 GiB per activation, more than any single GPU here
-    res = run_cli(["model.widths=[4096]", "model.convs_per_block=2", "train.batch_size=4096", "train.epochs=1",
+    # one block on 4096 images at once, in float32, so wide that its first activation alone (4096 images x width
+    # x 32 x 32 x 4 bytes) is larger than this GPU's memory: 5120 channels on an 80 GB H100, 9216 on an H200
+    width = 1024 * (torch.cuda.get_device_properties(0).total_memory // (4096 * 32 * 32 * 4 * 1024) + 1)
+    res = run_cli([f"model.widths=[{width}]", "model.convs_per_block=2", "train.batch_size=4096", "train.epochs=1",
+                   "train.amp=false",
                    "device=cuda", "data=imagefolder", f"data.path={imagefolder('tar', per_class=1400)}",
                    f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{db}",
                    "mlflow.experiment=oom"], tmp_path)

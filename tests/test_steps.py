@@ -71,6 +71,20 @@ def test_a_failed_capture_falls_back_to_eager_losing_nothing(make_cfg, caplog):
         run_through(train_epoch(strict, 1))
 
 
+def test_out_of_memory_in_a_warm_up_step_is_the_runs_error_not_a_capture_failure(make_cfg, monkeypatch, caplog):
+    """The eager step would run out of memory too: train.cuda_graph=auto does not retry it eagerly, nor log a
+    capture failure (the job's error says what to change: tests/test_faults.py, on CUDA)."""
+    def warm_up(self, idx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(GraphStep, "_warm_up", warm_up)
+    p = setup(make_cfg(*SMALL), random_images(), torch.device("cpu"))
+    p.step = GraphStep(p, strict=False)
+    with caplog.at_level(logging.WARNING), pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        run_through(train_epoch(p, 1))
+    assert p.step.fallback is None and "capture failed" not in caplog.text
+
+
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
 def test_the_tensor_learning_rate_follows_the_schedule(make_cfg, schedule):
     """The graph reads the learning rate from one tensor: the schedule must fill that very tensor in place,

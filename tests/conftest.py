@@ -80,28 +80,31 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def make_imagefolder(where: Path, kind: str = "dir", per_class: int = 20) -> Path:
+    """A train/<class>/*.png, test/<class>/*.png dataset under `where`: a folder, or a .tar / .tar.gz of one."""
+    images = synthetic_images(per_class)
+    if kind == "dir":
+        root = where / "folder"
+        for split, items in images.items():
+            for i, (cls, img) in enumerate(items):
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                (root / split / cls / f"{i:04d}.png").write_bytes(_png(img))
+        return root
+    path = where / f"images.{kind}"
+    with tarfile.open(path, "w:gz" if kind == "tar.gz" else "w") as tar:
+        for split, items in images.items():
+            for i, (cls, img) in enumerate(items):
+                data = _png(img)
+                info = tarfile.TarInfo(f"mirror/{split}/{cls}/{i:04d}.png")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 @pytest.fixture
 def imagefolder(tmp_path):
     """make('dir'|'tar'|'tar.gz', per_class) -> path of a train/<class>/*.png, test/<class>/*.png dataset."""
-    def make(kind: str = "dir", per_class: int = 20) -> Path:
-        images = synthetic_images(per_class)
-        if kind == "dir":
-            root = tmp_path / "folder"
-            for split, items in images.items():
-                for i, (cls, img) in enumerate(items):
-                    (root / split / cls).mkdir(parents=True, exist_ok=True)
-                    (root / split / cls / f"{i:04d}.png").write_bytes(_png(img))
-            return root
-        path = tmp_path / f"images.{kind}"
-        with tarfile.open(path, "w:gz" if kind == "tar.gz" else "w") as tar:
-            for split, items in images.items():
-                for i, (cls, img) in enumerate(items):
-                    data = _png(img)
-                    info = tarfile.TarInfo(f"mirror/{split}/{cls}/{i:04d}.png")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        return path
-    return make
+    return lambda kind="dir", per_class=20: make_imagefolder(tmp_path, kind, per_class)
 
 
 @pytest.fixture

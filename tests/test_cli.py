@@ -14,6 +14,19 @@ from .conftest import TINY, run_cli, runs_in
 METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second"}
 
 
+def assert_tiny_job_run(client, r, parent) -> None:
+    """A job run of the sweep below: FINISHED under its sweep, its tags, params, metrics per epoch, config."""
+    assert r.info.status == "FINISHED"
+    assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id == r.data.tags["sweep_id"]
+    assert r.data.tags["rung"] == str(len(r.data.tags["tricks"].split(",")) if r.data.tags["tricks"] != "baseline" else 0)
+    assert r.data.tags["data_checksum"] and r.data.tags["git_commit"] and r.data.tags["config_hash"]
+    assert r.data.params["train.epochs"] == "2" and r.data.params["model.widths"] == "[8, 16]"
+    assert METRICS <= set(r.data.metrics)
+    history = client.get_metric_history(r.info.run_id, "val_acc")
+    assert sorted(m.step for m in history) == [1, 2]  # one value per epoch, step = epoch
+    assert "config.yaml" in [a.path for a in client.list_artifacts(r.info.run_id)]
+
+
 def test_sweep_then_report(tmp_path, imagefolder, capsys):
     data = imagefolder("tar.gz", per_class=80)
     db = tmp_path / "store" / "m.db"  # its folder does not exist yet
@@ -36,15 +49,7 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
     assert parent.info.status == "FINISHED"
     assert {r.data.tags["tricks"] for r in jobs} == {"baseline", "noise", "noise,batchnorm"}
     for r in jobs:
-        assert r.info.status == "FINISHED"
-        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id == r.data.tags["sweep_id"]
-        assert r.data.tags["rung"] == str(len(r.data.tags["tricks"].split(",")) if r.data.tags["tricks"] != "baseline" else 0)
-        assert r.data.tags["data_checksum"] and r.data.tags["git_commit"] and r.data.tags["config_hash"]
-        assert r.data.params["train.epochs"] == "2" and r.data.params["model.widths"] == "[8, 16]"
-        assert METRICS <= set(r.data.metrics)
-        history = client.get_metric_history(r.info.run_id, "val_acc")
-        assert sorted(m.step for m in history) == [1, 2]  # one value per epoch, step = epoch
-        assert "config.yaml" in [a.path for a in client.list_artifacts(r.info.run_id)]
+        assert_tiny_job_run(client, r, parent)
     # the sweep's run holds its report: the table as its description, the files as artifacts
     assert parent.data.tags["mlflow.note.content"].startswith("## ladder — sweep ")
     assert "| 2 | batchnorm | 2 |" in parent.data.tags["mlflow.note.content"]

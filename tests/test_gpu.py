@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import warnings
 
 import pytest
 import torch
 
 from cifar_ablation.data import load_images
+from cifar_ablation.steps import WARMUP
 from cifar_ablation.train import setup, train
 
 from .conftest import JPEG_ARCHIVE, run_cli, runs_in
@@ -121,6 +123,36 @@ def test_a_captured_steps_adam_is_the_fused_kernel(make_cfg):
         assert fused_adam_captures.__wrapped__(cls, torch.device("cuda")), name
         opt, _ = make_optimizer(torch.nn.Linear(4, 2).cuda(), make_cfg(f"optim.name={name}").optim, 10, graph=True)
         assert type(opt) is cls and opt.param_groups[0]["fused"] and opt.param_groups[0]["capturable"]
+
+
+def test_no_autograd_node_outlives_a_step_on_the_graph_path(make_cfg, jpeg_cache):
+    """As on the CPU (tests/test_steps.py), with the top rung's tricks: each warm-up step (on its side stream) and
+    the capture (on the graph's) make their parameters' AccumulateGrad nodes anew, so none carries one stream into
+    the next. Each node is marked after each step; no later step may meet a mark. PyTorch's "AccumulateGrad
+    node's stream does not match" warning (once per process on the second H100 run) must not come from the step:
+    warned always here, not once per process, and printed with the step that raised it should it come."""
+    cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "train.cuda_graph=true",
+                   "trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]")
+    p = setup(cfg, load_images(cfg.data), torch.device("cuda"))
+    p.model.train()
+    met, mismatch = [], []
+    torch.set_warn_always(True)
+    try:
+        for k, idx in zip(range(WARMUP + 2), p.train_loader.indices()):  # warm-ups, the capture, a replay
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                p.step(idx)
+                p.step.schedule()
+                torch.cuda.synchronize()
+            mismatch += [f"step {k}: {w.message}"[:160] for w in caught if "AccumulateGrad" in str(w.message)]
+            for name, w in p.model.named_parameters():
+                view = w.view_as(w)  # its grad_fn leads to the parameter's current AccumulateGrad node
+                view.grad_fn.next_functions[0][0].register_prehook(lambda g, k=k, name=name: met.append((k, name)))
+            del view
+    finally:
+        torch.set_warn_always(False)
+    assert p.step.kind == "cuda_graph" and p.step.graph is not None
+    assert not mismatch and not met, (mismatch, met[:5])
 
 
 def test_a_short_cuda_run_on_the_graph_path_learns(make_cfg, jpeg_cache, caplog):

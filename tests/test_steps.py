@@ -71,6 +71,27 @@ def test_a_failed_capture_falls_back_to_eager_losing_nothing(make_cfg, caplog):
         run_through(train_epoch(strict, 1))
 
 
+def test_no_autograd_node_outlives_a_training_step(make_cfg):
+    """Each parameter's AccumulateGrad node is made anew by the next step's forward: nothing (the returned loss,
+    the accumulated metrics) keeps a step's autograd graph alive. A node kept alive keeps the stream it was made
+    on: on CUDA, PyTorch then warns that it "does not match the stream of the node that produced the incoming
+    gradient", and a graph captured on another stream would wait on it. Each node is marked by a hook after a step;
+    the next step must meet none of them (and does meet the one whose graph the test itself keeps alive)."""
+    top = "trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]"
+    p = setup(make_cfg(*SMALL[:-1], top), random_images(), torch.device("cpu"))
+    idx = torch.arange(32)
+    kept_loss = p.step(idx)
+    met, kept = [], None
+    for name, w in p.model.named_parameters():
+        view = w.view_as(w)  # its grad_fn leads to the parameter's current AccumulateGrad node
+        view.grad_fn.next_functions[0][0].register_prehook(lambda grad, name=name: met.append(name))
+        kept = kept or (name, view)  # the control: the first one's graph kept alive here
+    del view
+    p.step(idx)
+    assert met == [kept[0]], met
+    assert kept_loss.grad_fn is None
+
+
 def test_out_of_memory_in_a_warm_up_step_is_the_runs_error_not_a_capture_failure(make_cfg, monkeypatch, caplog):
     """The eager step would run out of memory too: train.cuda_graph=auto does not retry it eagerly, nor log a
     capture failure (the job's error says what to change: tests/test_faults.py, on CUDA)."""

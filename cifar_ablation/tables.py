@@ -12,6 +12,7 @@ import functools
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -149,11 +150,18 @@ def build_table(runs, design: str | None = None) -> Table:
     specs = [replace(s, tricks=spelling.get(frozenset(s.tricks), s.tricks)) for s in d.rows(order, fraction)] \
         if order or inferred else []
     rows = [row for spec in specs for row in _rows(spec, specs, groups, d, slide)]
-    sources = sorted({r.data.tags.get("data_source", "unknown") for r in finished})
+    sources = sorted({data_of(r) for r in finished})
     wanted = [spec.tricks for spec in specs]
     missing = [",".join(k) or "baseline" for k in wanted if k not in groups]
     extra = [",".join(k) or "baseline" for k in groups if k not in wanted]
     return Table(d, order, rows, groups, ignored, missing, extra, sources, notes, fraction, inferred)
+
+
+def data_of(run: Any) -> str:
+    """What a run trained on: its source (a path, or cifar10:<root>) and the start of its sha256, which tells the
+    same file on two machines from two files at one path (a re-downloaded or re-encoded copy)."""
+    source, checksum = run.data.tags.get("data_source", "unknown"), run.data.tags.get("data_checksum")
+    return f"{source} (sha256 {checksum[:12]})" if checksum else source
 
 
 def fmt(x: float | None, spec: str = ".2f", plus: bool = False) -> str:

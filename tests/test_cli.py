@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 
 import pytest
 
@@ -61,7 +62,8 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     cells = [[c.strip() for c in ln.split("|")[1:-1]] for ln in lines[1:]]
     assert lines[0].startswith("| rung | trick added | n | val acc")
-    assert f"Data: {data.resolve()}." in (tmp_path / "rep" / "ladder.md").read_text()  # what the runs trained on
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()[:12]  # what the runs trained on, by path and content:
+    assert f"Data: {data.resolve()} (sha256 {sha})." in (tmp_path / "rep" / "ladder.md").read_text()
     assert [c[:3] for c in cells] == [["0", "baseline", "2"], ["1", "noise", "2"], ["2", "batchnorm", "2"]]
     rows = list(csv.DictReader(open(tmp_path / "rep" / "ladder.csv")))
     assert [r["tricks"] for r in rows] == ["", "noise", "noise,batchnorm"]

@@ -5,9 +5,10 @@ process's streams run side by side. The slide's net at batch 128 fills a fractio
 processes without MPS reached 74,300 images/s in all, less than the base net alone, 132k (first H100 run,
 experiments/slide_ladder/NOTES.md).
 
-A Member is one job as a generator (job.job_steps, one training step per next()); a Gang advances its members
-in turn, round-robin, from this one thread, so each member's step is launched on its stream while the others'
-are still running. Each member keeps what the process would otherwise share between runs:
+A Member is one job as a generator (job.job_steps: one training step per next(), or, yielding None, an evaluation
+batch or a look at whether the GPU has caught up with it at an epoch's end); a Gang advances its members in turn,
+round-robin, from this one thread, so each member's step is launched on its stream while the others' are still
+running, and no member's epoch end holds the thread while the GPU finishes its work. Each member keeps what the process would otherwise share between runs:
     stream     its CUDA stream (on the CPU: none, the steps simply interleave);
     rng        its copy of the global CPU generator's state, and on CUDA its own state object of the device's
                default generator (installed with graphsafe_set_state; a graph captured in its turn keeps it),
@@ -131,12 +132,11 @@ class Gang:
             self.members.append(m)
 
     def round(self) -> None:
-        """One step of each member."""
-        self.steps += len(self.members)
+        """One step of each member (or what it does between steps: None, not counted in the pace)."""
         for m in list(self.members):
             with m.turn():
                 try:
-                    next(m.steps)
+                    self.steps += next(m.steps) is not None
                     continue
                 except StopIteration as done:
                     value, error = done.value, None

@@ -5,9 +5,10 @@ restore() resumes from a checkpoint_state(), then each epoch is train_epoch() (b
 training batches only, the loss trick added to the loss) and evaluate(), and its metrics go to `on_epoch`
 (the MLflow run, in practice: jobrun.JobRun.end_epoch). It knows nothing of Hydra or MLflow.
 
-The loop is written as a generator, training(), that yields after setup and after each training step: train()
-runs it straight through, and the streams launcher (streams.py) interleaves several runs' generators in one
-process, each on its own CUDA stream.
+The loop is written as a generator, training(), that yields after setup and after each training step (and, with
+None, between evaluation batches and while the GPU finishes an epoch: settled()): train() runs it straight
+through, and the streams launcher (streams.py) interleaves several runs' generators in one process, each on its
+own CUDA stream, so that no run's epoch end holds the others.
 """
 from __future__ import annotations
 
@@ -147,7 +148,19 @@ def restore(p: Parts, state: dict) -> int:
     return state["epoch"] + 1
 
 
-Steps = Generator[torch.device, None, Any]  # yields the run's device after each step; returns its result
+Steps = Generator[torch.device | None, None, Any]  # the run's device after each step, None between; its result
+
+
+def settled(p: Parts) -> Steps:
+    """Yields None until the GPU has run all the work this run has queued, so that reading its numbers next (an
+    epoch's loss, its accuracy, its checkpoint) finds them ready: in a gang (streams.py) the launching thread goes
+    on with the other runs meanwhile, instead of waiting inside this one's .item(). Nothing is queued on a CPU."""
+    if p.device.type != "cuda":
+        return
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(p.device))
+    while not done.query():
+        yield None
 
 
 def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> Steps:
@@ -172,13 +185,15 @@ def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> Steps:
             log.info("epoch %d/%d  step %d/%d  loss %.3f  epoch ETA %s", epoch, cfg.train.epochs, i + 1,
                      len(loader), loss.item(), eta(left))
         yield p.device
+    yield from settled(p)
     seen = len(loader) * loader.batch_size
     return p.step.loss_sum.item() / seen, p.step.correct.item() / seen, first_step
 
 
 @torch.no_grad()
-def evaluate(p: Parts) -> tuple[float, float]:
-    """Mean loss and accuracy over the whole validation split, unaugmented."""
+def evaluate(p: Parts) -> Steps:
+    """Mean loss and accuracy over the whole validation split, unaugmented; yields None after each batch (a gang's
+    other runs launch meanwhile)."""
     p.model.eval()
     loss_sum = torch.zeros((), device=p.device)
     correct = torch.zeros((), device=p.device, dtype=torch.long)
@@ -187,6 +202,8 @@ def evaluate(p: Parts) -> tuple[float, float]:
             logits = p.model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
+        yield None
+    yield from settled(p)
     n = len(p.val_loader.y)
     return loss_sum.item() / n, correct.item() / n
 
@@ -230,7 +247,8 @@ def run_through(steps: Generator[Any, None, Any]) -> Any:
 def training(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics, state: None,
              state: dict | None = None, device: torch.device | None = None) -> Steps:
     """train(), one step at a time: yields the run's device once set up (and restored), then after every
-    training step; returns the last epoch's metrics."""
+    training step, and None between (while evaluating, or waiting for the GPU to finish an epoch: settled());
+    returns the last epoch's metrics."""
     p = setup(cfg, images, device or pick_device(cfg.device))
     epochs, seen = cfg.train.epochs, len(p.train_loader) * p.train_loader.batch_size
     log.info("model: %s parameters, %d train / %d val images, %d steps per epoch on %s",
@@ -248,7 +266,7 @@ def training(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics
             raise NonFiniteLoss(f"train loss is {train_loss} at epoch {epoch}: lower optim.lr "
                                 f"(now {cfg.optim.lr}) or the l1l2 strengths, or turn on batchnorm")
         train_seconds = time.perf_counter() - t0 - (compile_seconds or 0.0)
-        val_loss, val_acc = evaluate(p)
+        val_loss, val_acc = yield from evaluate(p)
         epoch_seconds = time.perf_counter() - t0
         metrics = dict(train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
                        lr=float(p.sched.get_last_lr()[0]), epoch_seconds=epoch_seconds,

@@ -208,3 +208,37 @@ def test_the_launcher_refuses_a_count_below_one_naming_its_key():
     for kwargs, key in (({"runs": 0}, "hydra.launcher.runs=0"), ({"processes": 0}, "hydra.launcher.processes=0")):
         with pytest.raises(ValueError, match=rf"^{re.escape(key)}\b.* must be an integer >= 1"):
             StreamsLauncher(**kwargs)
+
+
+def test_a_run_waiting_for_the_gpu_at_an_epochs_end_holds_neither_the_gang_nor_its_pace(make_cfg, monkeypatch):
+    """On CUDA a run's epoch end yields while the GPU finishes its queued work (train.settled): here the GPU is
+    made to take three looks each time. The gang goes on with the other run meanwhile, counts only training steps
+    in its pace, and each run gives exactly what it gives alone; evaluation yields between its batches too."""
+    import torch
+
+    from cifar_ablation import train as train_mod
+    from cifar_ablation.streams import Gang, Member
+
+    from .test_steps import SMALL, random_images
+
+    looks = []
+
+    def settled(p):
+        for _ in range(3):
+            looks.append(p.cfg.seed)
+            yield None
+
+    cfgs, images = [make_cfg(*SMALL, f"seed={s}") for s in (0, 1)], random_images()
+    alone = [train_mod.train(c, images, device=torch.device("cpu")) for c in cfgs]
+    monkeypatch.setattr(train_mod, "settled", settled)
+    ends, g = {}, Gang()
+    for k, c in enumerate(cfgs):
+        g.add(Member.prime(k, train_mod.training(c, images, device=torch.device("cpu")),
+                           lambda value, error, k=k: ends.setdefault(k, (value, error)))[0])
+    while g.members:
+        g.round()
+    assert [ends[k][1] for k in (0, 1)] == [None, None]
+    assert [{key: ends[k][0][key] for key in KEYS} for k in (0, 1)] == [{key: m[key] for key in KEYS} for m in alone]
+    steps_per_epoch = len(images.train_y) // cfgs[0].train.batch_size
+    assert g.steps == 2 * cfgs[0].train.epochs * steps_per_epoch  # 2 runs; the looks and eval batches not counted
+    assert looks.count(0) == looks.count(1) == 2 * 3 * cfgs[0].train.epochs  # training's end and evaluation's

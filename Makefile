@@ -18,12 +18,10 @@ help:  ## list the targets
 install: $(STAMP)  ## make .venv and install the package (editable) with its dev extras
 
 # editable_mode=compat: the checkout itself on sys.path, so that Hydra's plugin scan finds hydra_plugins/ (the
-# streams launcher); the default editable mode hides namespace packages from that scan. --no-compile: the
-# modules a run imports are compiled as it first imports them, not all of torch's at install (120 -> 87 s on the
-# dev machine's 2 cores).
+# streams launcher); the default editable mode hides namespace packages from that scan.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-compile -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 services:  ## Debian packages the tests drive (Chromium, SLURM, PostgreSQL), where missing (root + apt-get)

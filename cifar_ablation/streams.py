@@ -8,7 +8,8 @@ experiments/slide_ladder/NOTES.md).
 A Member is one job as a generator (job.job_steps: one training step per next(), or, yielding None, an evaluation
 batch or a look at whether the GPU has caught up with it at an epoch's end); a Gang advances its members in turn,
 round-robin, from this one thread, so each member's step is launched on its stream while the others' are still
-running, and no member's epoch end holds the thread while the GPU finishes its work. Each member keeps what the process would otherwise share between runs:
+running, and no member's epoch end holds the thread while the GPU finishes its work. Each member keeps what
+the process would otherwise share between runs:
     stream     its CUDA stream (on the CPU: none, the steps simply interleave);
     rng        its copy of the global CPU generator's state, and on CUDA its own state object of the device's
                default generator (installed with graphsafe_set_state; a graph captured in its turn keeps it),

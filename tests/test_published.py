@@ -27,7 +27,7 @@ def ladder_rows() -> dict[int, list[str]]:
     return {int(r[0]): r for r in md_rows((LADDER / "ladder.md").read_text()) if r[0].isdigit()}
 
 
-def test_the_published_ladder_is_the_report_of_its_store(tmp_path, capsys):
+def test_the_published_ladder_is_the_report_of_its_store(tmp_path):
     readme = (LADDER / "README.md").read_text()
     store = re.search(r"its store is `([^`]+\.db)`", readme)[1]  # the store the README names
     shutil.copy(LADDER / store, tmp_path / "store.db")   # the report logs a run into the store it reads

@@ -239,7 +239,8 @@ fi
 # They start only with FORMS_NEED seconds left (a form cut short is lost: it keeps no checkpoints); else the time
 # goes to the step ops, and the next call runs the forms
 FORMS_NEED=$([ $TINY = 1 ] && echo 30 || echo 120)
-ALL='trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]'
+ORDER=$($PY -c 'from omegaconf import OmegaConf as C; print(",".join(C.load("conf/config.yaml").ablation.order))')
+ALL="trick=[$ORDER]"  # the top rung: every trick of the one trick order
 form() {  # form LIMIT OVERRIDES...: one run of the top rung in the background
   local limit=$1
   shift

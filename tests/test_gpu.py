@@ -16,6 +16,7 @@ from cifar_ablation.train import setup, train
 
 from .conftest import JPEG_ARCHIVE, run_cli, runs_in
 from .test_faults import start, wait_for
+from .test_steps import TOP, mark_accumulators
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA paths need a CUDA device")
 CUDA = ["data=imagefolder", f"data.path={JPEG_ARCHIVE}", "data.subset=6400", "data.val_subset=1000", "device=cuda",
@@ -64,8 +65,7 @@ def test_a_training_step_never_waits_for_the_gpu(make_cfg, jpeg_cache, crop):
     warm-up and capture, 20 steps (batch, every trick, step, schedule) under sync debug mode "error"."""
     from cifar_ablation.steps import WARMUP
 
-    cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "train.epochs=1", f"trick.crop.mode={crop}",
-                   "trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]")
+    cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "train.epochs=1", f"trick.crop.mode={crop}", TOP)
     p = setup(cfg, load_images(cfg.data), torch.device("cuda"))
     batches = p.train_loader.indices()
     for _ in range(WARMUP + 2):  # warm-up and capture may synchronize (cuDNN's timing, the graph's setup)
@@ -131,8 +131,7 @@ def test_no_autograd_node_outlives_a_step_on_the_graph_path(make_cfg, jpeg_cache
     the next. Each node is marked after each step; no later step may meet a mark. PyTorch's "AccumulateGrad
     node's stream does not match" warning (once per process on the second H100 run) must not come from the step:
     warned always here, not once per process, and printed with the step that raised it should it come."""
-    cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "train.cuda_graph=true",
-                   "trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]")
+    cfg = make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "train.cuda_graph=true", TOP)
     p = setup(cfg, load_images(cfg.data), torch.device("cuda"))
     p.model.train()
     met, mismatch = [], []
@@ -145,10 +144,7 @@ def test_no_autograd_node_outlives_a_step_on_the_graph_path(make_cfg, jpeg_cache
                 p.step.schedule()
                 torch.cuda.synchronize()
             mismatch += [f"step {k}: {w.message}"[:160] for w in caught if "AccumulateGrad" in str(w.message)]
-            for name, w in p.model.named_parameters():
-                view = w.view_as(w)  # its grad_fn leads to the parameter's current AccumulateGrad node
-                view.grad_fn.next_functions[0][0].register_prehook(lambda g, k=k, name=name: met.append((k, name)))
-            del view
+            mark_accumulators(p.model, lambda name, k=k: met.append((k, name)))
     finally:
         torch.set_warn_always(False)
     assert p.step.kind == "cuda_graph" and p.step.graph is not None

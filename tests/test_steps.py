@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cifar_ablation.checks import ConfigError
 from cifar_ablation.config import validate
@@ -13,8 +14,24 @@ from cifar_ablation.data import Images
 from cifar_ablation.steps import EagerStep, GraphStep, graph_blocker
 from cifar_ablation.train import make_optimizer, run_through, setup, train_epoch
 
+from .conftest import CONF
+
 SMALL = ["model.widths=[8,16]", "model.dense=32", "train.batch_size=32", "train.epochs=2", "device=cpu",
          "trick=[batchnorm,dropout,l1l2,flip,noise]"]
+# The ladder's top rung: every trick of the one trick order (conf/config.yaml's ablation.order).
+TOP = "trick=[" + ",".join(OmegaConf.load(CONF / "config.yaml").ablation.order) + "]"
+
+
+def mark_accumulators(model: torch.nn.Module, record) -> tuple[str, torch.Tensor]:
+    """Hooks each parameter's current AccumulateGrad node: `record(name)` should a later backward meet it (a node
+    is made anew by each forward, so none should). Returns the first parameter's name and a view of it whose
+    graph keeps that node alive: a control, for a test that wants one met."""
+    first = None
+    for name, w in model.named_parameters():
+        view = w.view_as(w)  # its grad_fn leads to the parameter's current AccumulateGrad node
+        view.grad_fn.next_functions[0][0].register_prehook(lambda grad, name=name: record(name))
+        first = first or (name, view)
+    return first
 
 
 def random_images(n: int = 256, seed: int = 0) -> Images:
@@ -77,16 +94,11 @@ def test_no_autograd_node_outlives_a_training_step(make_cfg):
     on: on CUDA, PyTorch then warns that it "does not match the stream of the node that produced the incoming
     gradient", and a graph captured on another stream would wait on it. Each node is marked by a hook after a step;
     the next step must meet none of them (and does meet the one whose graph the test itself keeps alive)."""
-    top = "trick=[noise,batchnorm,dropout,l1l2,flip,crop,instancenorm,capacity]"
-    p = setup(make_cfg(*SMALL[:-1], top), random_images(), torch.device("cpu"))
+    p = setup(make_cfg(*SMALL[:-1], TOP), random_images(), torch.device("cpu"))
     idx = torch.arange(32)
     kept_loss = p.step(idx)
-    met, kept = [], None
-    for name, w in p.model.named_parameters():
-        view = w.view_as(w)  # its grad_fn leads to the parameter's current AccumulateGrad node
-        view.grad_fn.next_functions[0][0].register_prehook(lambda grad, name=name: met.append(name))
-        kept = kept or (name, view)  # the control: the first one's graph kept alive here
-    del view
+    met = []
+    kept = mark_accumulators(p.model, met.append)  # the control: the first one's graph kept alive here
     p.step(idx)
     assert met == [kept[0]], met
     assert kept_loss.grad_fn is None

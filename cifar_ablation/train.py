@@ -34,6 +34,13 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def check_finite(loss: float, cfg: Any, epoch: int, where: str = "") -> None:
+    """Stop a diverged run, saying what to change."""
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"train loss is {loss} at epoch {epoch}{where}: lower optim.lr (now {cfg.optim.lr}) "
+                            "or the l1l2 strengths, or turn on batchnorm")
+
+
 def pick_device(name: str, slot: int = 0) -> torch.device:
     """auto: CUDA when present. With several visible GPUs, job `slot` (Hydra's job number) takes GPU
     slot % count, so a parallel launcher spreads a sweep round-robin over the GPUs."""
@@ -175,6 +182,8 @@ def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> Steps:
     for i, idx in enumerate(loader.indices()):
         loss = p.step(idx)
         p.step.schedule()
+        if p.device.type == "cpu":  # each step's loss is at hand (no GPU to wait for): a diverged run stops at once
+            check_finite(loss.item(), cfg, epoch, f", step {i + 1}/{len(loader)}")
         if i == 0 and time_first_step:
             if p.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -262,9 +271,7 @@ def training(cfg: Any, images: Images, on_epoch: OnEpoch = lambda epoch, metrics
         t0 = time.perf_counter()
         timed = cfg.train.compile and epoch == first  # the first step compiles: timed apart
         train_loss, train_acc, compile_seconds = yield from train_epoch(p, epoch, time_first_step=timed)
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(f"train loss is {train_loss} at epoch {epoch}: lower optim.lr "
-                                f"(now {cfg.optim.lr}) or the l1l2 strengths, or turn on batchnorm")
+        check_finite(train_loss, cfg, epoch)  # on a GPU, once per epoch: a step's check would wait for it
         train_seconds = time.perf_counter() - t0 - (compile_seconds or 0.0)
         val_loss, val_acc = yield from evaluate(p)
         epoch_seconds = time.perf_counter() - t0

@@ -264,3 +264,13 @@ def test_the_graph_path_feeds_its_static_buffers_exactly(make_cfg, monkeypatch, 
     assert ("captured as a CUDA graph after 3 eager warm-up steps (the batch inside it)" in caplog.text) \
         is batch_captures
     assert all(torch.equal(a, b) for a, b in zip(eager.model.state_dict().values(), p.model.state_dict().values()))
+
+
+def test_a_diverged_run_on_a_cpu_stops_at_the_step_it_diverged(make_cfg):
+    """Each step's loss is at hand on a CPU: a run whose loss turns NaN stops there, not at its epoch's end (on a
+    GPU the check waits for the epoch's end: one per step would make the launching thread wait for the GPU)."""
+    from cifar_ablation.train import NonFiniteLoss, train
+
+    cfg = make_cfg(*SMALL, "optim.lr=1e30")
+    with pytest.raises(NonFiniteLoss, match=r"^train loss is nan at epoch 1, step 2/8: lower optim.lr \(now 1e\+30\)"):
+        train(cfg, random_images(), device=torch.device("cpu"))

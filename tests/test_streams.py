@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 
 import pytest
 
 from cifar_ablation.tracking import JOB, ROLE, SWEEP
 
-from .conftest import run_cli, runs_in
+from .conftest import make_imagefolder, run_cli, runs_in
 from .test_faults import SLOW, slow_data, start, wait_for  # noqa: F401  (slow_data: a fixture)
 
 # Every source of randomness a run has: dropout and noise (the global generator, shared by the process: each
@@ -29,11 +30,26 @@ def jobs_by(runs, key: str) -> dict[str, object]:
     return {r.data.tags[key]: r for r in runs if r.data.tags[ROLE] == JOB}
 
 
-def test_runs_side_by_side_give_what_they_give_alone_and_fail_alone(tmp_path, slow_data, tracking_db):
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, _empty_store) -> dict[str, dict]:
+    """The curves each of TRICKS' runs gives alone (Hydra's basic launcher, one run after the other): what every
+    test here compares its runs side by side with. Once per module: the same images every time."""
+    tmp = tmp_path_factory.mktemp("alone")
+    db = tmp / "m.db"
+    shutil.copyfile(_empty_store, db)
+    data = [f"data.path={make_imagefolder(tmp, 'tar', per_class=300)}", f"data.cache_dir={tmp}/cache"]
+    res = run_cli(["-m", TRICKS, *SLOW, *data, f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=alone"],
+                  tmp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client, runs = runs_in(db, "alone")
+    return {tricks: curves(client, r) for tricks, r in jobs_by(runs, "tricks").items()}
+
+
+def test_runs_side_by_side_give_what_they_give_alone_and_fail_alone(tmp_path, slow_data, tracking_db, alone):
     """Four jobs as two gangs of two, in two processes (hydra.launcher.processes=2): side by side in a process
     and across processes alike, each run gives exactly what it gives alone; a diverging one fails alone."""
     db = tracking_db
-    common = [*SLOW, *slow_data, "train.epochs=3", f"mlflow.tracking_uri=sqlite:///{db}"]
+    common = [*SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}"]
     res = run_cli(["-m", TRICKS, "optim.lr=0.001,1e30", *SHARES, *common, "mlflow.experiment=together",
                    "hydra.sweep.dir=together"], tmp_path)
     assert res.returncode != 0, res.stderr[-3000:]  # two jobs diverge: the sweep says so, after every job ran
@@ -50,22 +66,19 @@ def test_runs_side_by_side_give_what_they_give_alone_and_fail_alone(tmp_path, sl
     (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
     assert sweep.info.status == "FAILED" and "FINISHED: 2" in sweep.data.tags["job_states"]
 
-    alone = run_cli(["-m", TRICKS, *common, "mlflow.experiment=alone"], tmp_path)  # Hydra's basic launcher
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    client, reference = runs_in(db, "alone")
     together = {r.data.tags["tricks"]: r for r in runs
                 if r.data.tags[ROLE] == JOB and r.data.params["optim.lr"] == "0.001"}
-    for tricks, ref in jobs_by(reference, "tricks").items():
-        assert curves(client, together[tricks]) == curves(client, ref), tricks  # exact, every epoch
+    assert {tricks: curves(client, r) for tricks, r in together.items()} == alone  # exact, every epoch
 
     for num in range(4):  # each job's own log file holds its own lines, tagged with its number
         epochs = [line for line in (tmp_path / "together" / str(num) / "__main__.log").read_text().splitlines()
                   if "] - #" in line and " epoch " in line]
         assert all(f"] - #{num} epoch " in line for line in epochs), epochs
-        assert len(epochs) == (3 if num in (0, 2) else 0), epochs  # jobs 1 and 3: lr 1e30, NaN in epoch 1
+        assert len(epochs) == (4 if num in (0, 2) else 0), epochs  # jobs 1 and 3: lr 1e30, NaN in epoch 1
 
 
-def test_ctrl_c_kills_every_run_of_the_gang_and_the_relaunch_resumes_them_exactly(tmp_path, slow_data, tracking_db):
+def test_ctrl_c_kills_every_run_of_the_gang_and_the_relaunch_resumes_them_exactly(tmp_path, slow_data, tracking_db,
+                                                                                    alone):
     db = tracking_db
     args = ["-m", TRICKS, "hydra/launcher=streams", "jobs_per_device=2", *SLOW, *slow_data,
             f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=gang"]
@@ -89,12 +102,7 @@ def test_ctrl_c_kills_every_run_of_the_gang_and_the_relaunch_resumes_them_exactl
     assert {t: (r.info.run_id, r.info.status) for t, r in resumed.items()} == \
         {t: (r.info.run_id, "FINISHED") for t, r in jobs.items()}
 
-    alone = run_cli(["-m", TRICKS, *SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}",
-                     "mlflow.experiment=alone"], tmp_path)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    client, reference = runs_in(db, "alone")
-    for tricks, ref in jobs_by(reference, "tricks").items():
-        assert curves(client, resumed[tricks]) == curves(client, ref), tricks
+    assert {tricks: curves(client, r) for tricks, r in resumed.items()} == alone  # exact, every epoch
 
     # a wider sweep later: the two finished configs are skipped (their runs join it), one new one trains
     wider = run_cli([*args[:1], TRICKS + ",[flip]", *args[2:]], tmp_path)

@@ -214,7 +214,8 @@ def test_the_launcher_refuses_a_count_below_one_naming_its_key():
     from hydra_plugins.cifar_ablation_launcher.streams_launcher import StreamsLauncher
 
     for kwargs, key in (({"runs": 0}, "hydra.launcher.runs=0"), ({"processes": 0}, "hydra.launcher.processes=0")):
-        with pytest.raises(ValueError, match=rf"^{re.escape(key)}\b.* must be an integer >= 1"):
+        with pytest.raises(SystemExit, match=rf"^error: invalid config: {re.escape(key)} is not allowed\b.* must be "
+                                             "an integer >= 1"):
             StreamsLauncher(**kwargs)
 
 

@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 
 class StreamsLauncher(Launcher):
     def __init__(self, runs: int = 9, processes: int = 1) -> None:
+        # SystemExit, the app's one `error:` line: Hydra would wrap an exception in its instantiation error
         if int(runs) < 1:
-            raise ValueError(f"hydra.launcher.runs={runs} (by default jobs_per_device per GPU): the runs trained "
-                             "at once must be an integer >= 1")
+            raise SystemExit(f"error: invalid config: hydra.launcher.runs={runs} is not allowed (by default "
+                             "jobs_per_device per GPU); the runs trained at once must be an integer >= 1")
         if int(processes) < 1:
-            raise ValueError(f"hydra.launcher.processes={processes}: the processes the runs are shared among must "
-                             "be an integer >= 1 (1: all in the launching process)")
+            raise SystemExit(f"error: invalid config: hydra.launcher.processes={processes} is not allowed; the "
+                             "processes the runs are shared among must be an integer >= 1 (1: all in the "
+                             "launching process)")
         self.runs, self.processes = int(runs), int(processes)
         self.config: DictConfig | None = None
         self.hydra_context: Any = None

@@ -10,7 +10,7 @@ PORT   ?= 5000
 DATA ?= $(if $(wildcard $(MIRROR)),$(MIRROR),cifar10)
 DATA_ARGS ?= $(if $(filter cifar10,$(DATA)),data=cifar10,data=imagefolder data.path=$(DATA))
 
-.PHONY: help install services demo test test-slow ladder gpu-prep gpu-run report ui screenshots bench clean
+.PHONY: help install services demo test test-slow ladder gpu-prep gpu-run gpu-publish report ui screenshots bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ gpu-prep:  ## before a GPU run: MLflow/Hydra wheels into .whl/, the JPEG mirror 
 
 gpu-run:  ## the prepared GPU run of issue #10 into OUT=gpu_out; STEPS=ladder,tests,bench,forms; TINY=--tiny on a CPU
 	bash experiments/gpu_run.sh $(TINY) $(if $(STEPS),--steps $(STEPS)) $(or $(OUT),gpu_out)
+
+gpu-publish: install  ## a GPU run's files (FROM=its OUT) into experiments/ as NAME=<card-date>, reports made again
+	bash experiments/publish_gpu_run.sh $(FROM) $(NAME)
 
 bench: install  ## textbook DataLoader loop vs the trainer, then K concurrent runs (CPU-sized; see --help)
 	@echo "bench data: $(DATA)"

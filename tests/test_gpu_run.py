@@ -102,3 +102,23 @@ def test_a_ladder_whose_processes_fail_as_it_starts_goes_on_as_one_gang(tmp_path
     _, log = gpu_run(env, tmp_path / "out", "--steps", "ladder", timeout=300)
     assert "hydra.launcher.processes=0" in log and "it goes on as one gang in one process" in log
     assert "Launching 27 jobs in this process" in log and log.split("==== summary of")[0].count("== ladder: exit 0") == 1
+
+
+def test_the_run_publishes_under_its_name_as_the_published_results_are_checked(first, tmp_path):
+    """experiments/publish_gpu_run.sh on the first call's OUT: the store as it came, the reports made again from
+    a copy (the ladder's, as tests/test_published.py makes it; the two forms'), the log and the bench's numbers;
+    an earlier name is never overwritten."""
+    env = {**first.env, "DEST": str(tmp_path / "experiments")}
+    publish = ["bash", "experiments/publish_gpu_run.sh", str(first.out), "gpu-2026-11-28"]
+    res = subprocess.run(publish, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ladder, speed = tmp_path / "experiments" / "slide_ladder", tmp_path / "experiments" / "speed"
+    assert (ladder / "gpu-2026-11-28.db").read_bytes() == (first.out / "mlflow.db").read_bytes()
+    assert (ladder / "ladder.md").read_text() == (first.out / "slide_ladder" / "ladder.md").read_text()
+    assert (ladder / "ladder_accuracy.png").exists() and (ladder / "gpu-2026-11-28-run.log").exists()
+    forms = list(csv.DictReader(open(ladder / "forms" / "each_vs_baseline.csv")))
+    assert sorted("mode=resize" in r["row"] for r in forms) == [False, True], forms  # both forms, told apart
+    assert json.loads((speed / "gpu-2026-11-28-bench.json").read_text()) == json.loads((first.out / "bench.json").read_text())
+    assert "its store is `gpu-2026-11-28.db`" in res.stdout  # what to write by hand
+    again = subprocess.run(publish, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "exists: publish under another NAME" in again.stdout

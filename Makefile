@@ -46,9 +46,16 @@ test-slow: install services  ## multi-process tests: parallel launchers, a SLURM
 # LADDER_PROCS processes (one launching thread each; on one GPU start MPS first: nvidia-cuda-mps-control -d).
 LADDER_RUNS ?= 9
 LADDER_PROCS ?= 1
+# On a machine without CUDA it stops, saying so, unless LADDER_DEVICE=cpu: the ladder's training steps alone take
+# ~61 h on 2 CPU cores (the dev machine: one step of each rung timed at batch 128, x 3 seeds x 40 epochs x 390).
+LADDER_DEVICE ?= auto
 ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds (CIFAR-10, or the mirror here), then its report
 	@echo "ladder data: $(DATA_ARGS)"
-	$(BIN)/python -m cifar_ablation experiment=slide_ladder $(DATA_ARGS) hydra/launcher=streams \
+	@[ "$(LADDER_DEVICE)" = cpu ] || $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { \
+	  echo "make ladder: torch sees no CUDA device here. The ladder is 27 runs x 40 epochs on 50,000 images: its"; \
+	  echo "training steps alone took ~61 h on 2 CPU cores (measured). Run it on a GPU, or LADDER_DEVICE=cpu make"; \
+	  echo "ladder to train here anyway."; exit 1; }
+	$(BIN)/python -m cifar_ablation experiment=slide_ladder $(DATA_ARGS) device=$(LADDER_DEVICE) hydra/launcher=streams \
 	    jobs_per_device=$(LADDER_RUNS) hydra.launcher.processes=$(LADDER_PROCS)
 	$(BIN)/python -m cifar_ablation.report --experiment slide-ladder --out experiments/slide_ladder
 

@@ -5,6 +5,7 @@ import csv
 import hashlib
 
 import pytest
+import torch
 
 from cifar_ablation.report import main as report_main
 from cifar_ablation.ui import main as ui_main
@@ -239,3 +240,15 @@ def test_make_targets_train_on_the_mirror_where_present_else_the_original_cifar1
     assert f'echo "demo data: {hydra}"' in res.stdout and f'echo "ladder data: {hydra}"' in res.stdout
     assert f"experiment=slide_ladder {hydra} " in res.stdout
     assert f'echo "bench data: {data}"' in res.stdout and f"cifar_ablation.bench --data {data}\n" in res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine `make ladder` would train the whole ladder")
+def test_make_ladder_without_cuda_stops_saying_so_before_anything_trains():
+    import subprocess
+    from pathlib import Path
+
+    res = subprocess.run(["make", "ladder"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                         timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "make ladder: torch sees no CUDA device here" in out, out[-2000:]
+    assert "LADDER_DEVICE=cpu make" in out and "cifar_ablation experiment=slide_ladder" not in out

@@ -13,6 +13,7 @@ from cifar_ablation.report import main as report_main
 from .conftest import ROOT
 
 LADDER, SPEED = ROOT / "experiments" / "slide_ladder", ROOT / "experiments" / "speed"
+CPU_EXAMPLE = ROOT / "experiments" / "cpu_example"
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 
 
@@ -27,14 +28,34 @@ def ladder_rows() -> dict[int, list[str]]:
     return {int(r[0]): r for r in md_rows((LADDER / "ladder.md").read_text()) if r[0].isdigit()}
 
 
+def report_of(store: Path, out: Path, *args: str) -> Path:
+    """The report of a published store, made from a copy (the report logs a run into the store it reads): the
+    folder it wrote its tables into."""
+    copy = out.parent / f"{out.name}.db"
+    shutil.copy(store, copy)
+    assert report_main(["--tracking-uri", f"sqlite:///{copy}", *args, "--out", str(out), "--no-figures"]) == 0
+    return out
+
+
 def test_the_published_ladder_is_the_report_of_its_store(tmp_path):
     readme = (LADDER / "README.md").read_text()
     store = re.search(r"its store is `([^`]+\.db)`", readme)[1]  # the store the README names
-    shutil.copy(LADDER / store, tmp_path / "store.db")   # the report logs a run into the store it reads
-    assert report_main(["--tracking-uri", f"sqlite:///{tmp_path}/store.db", "--experiment", "slide-ladder",
-                        "--sweep", "all", "--out", str(tmp_path / "report"), "--no-figures"]) == 0
+    report = report_of(LADDER / store, tmp_path / "report", "--experiment", "slide-ladder", "--sweep", "all")
     for name in ("ladder.md", "ladder.csv"):
-        assert (tmp_path / "report" / name).read_text() == (LADDER / name).read_text(), name
+        assert (report / name).read_text() == (LADDER / name).read_text(), name
+
+
+def test_the_cpu_example_is_the_report_of_its_store(tmp_path):
+    """Each table of experiments/cpu_example is the report of the store beside it: the one-at-a-time and the
+    factorial sweep (each named in its table's heading), and the attribution across the experiment's designs."""
+    store = CPU_EXAMPLE / re.search(r"[Ii]ts store is `([^`]+\.db)`", (CPU_EXAMPLE / "README.md").read_text())[1]
+    for design in ("one_at_a_time", "factorial"):
+        sweep = re.search(r"sweep ([0-9a-f]{32})", (CPU_EXAMPLE / f"{design}.md").read_text())[1]
+        report = report_of(store, tmp_path / design, "--experiment", "cpu-example", "--sweep", sweep)
+        for name in (f"{design}.md", f"{design}.csv"):
+            assert (report / name).read_text() == (CPU_EXAMPLE / name).read_text(), name
+    report = report_of(store, tmp_path / "attribution", "--experiment", "cpu-example", "--attribution")
+    assert (report / "attribution.md").read_text() == (CPU_EXAMPLE / "attribution.md").read_text()
 
 
 def test_the_readmes_quote_the_published_ladder():

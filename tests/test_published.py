@@ -28,6 +28,11 @@ def ladder_rows() -> dict[int, list[str]]:
     return {int(r[0]): r for r in md_rows((LADDER / "ladder.md").read_text()) if r[0].isdigit()}
 
 
+def named_store(folder: Path) -> Path:
+    """The store a results folder's README names ("its store is `X.db`"), beside it."""
+    return folder / re.search(r"[Ii]ts store is `([^`]+\.db)`", (folder / "README.md").read_text())[1]
+
+
 def report_of(store: Path, out: Path, *args: str) -> Path:
     """The report of a published store, made from a copy (the report logs a run into the store it reads): the
     folder it wrote its tables into."""
@@ -38,9 +43,7 @@ def report_of(store: Path, out: Path, *args: str) -> Path:
 
 
 def test_the_published_ladder_is_the_report_of_its_store(tmp_path):
-    readme = (LADDER / "README.md").read_text()
-    store = re.search(r"its store is `([^`]+\.db)`", readme)[1]  # the store the README names
-    report = report_of(LADDER / store, tmp_path / "report", "--experiment", "slide-ladder", "--sweep", "all")
+    report = report_of(named_store(LADDER), tmp_path / "report", "--experiment", "slide-ladder", "--sweep", "all")
     for name in ("ladder.md", "ladder.csv"):
         assert (report / name).read_text() == (LADDER / name).read_text(), name
 
@@ -48,7 +51,7 @@ def test_the_published_ladder_is_the_report_of_its_store(tmp_path):
 def test_the_cpu_example_is_the_report_of_its_store(tmp_path):
     """Each table of experiments/cpu_example is the report of the store beside it: the one-at-a-time and the
     factorial sweep (each named in its table's heading), and the attribution across the experiment's designs."""
-    store = CPU_EXAMPLE / re.search(r"[Ii]ts store is `([^`]+\.db)`", (CPU_EXAMPLE / "README.md").read_text())[1]
+    store = named_store(CPU_EXAMPLE)
     for design in ("one_at_a_time", "factorial"):
         sweep = re.search(r"sweep ([0-9a-f]{32})", (CPU_EXAMPLE / f"{design}.md").read_text())[1]
         report = report_of(store, tmp_path / design, "--experiment", "cpu-example", "--sweep", sweep)

@@ -1,4 +1,5 @@
-"""Value checks: the combinators that say what a config key allows, and the error that names it.
+"""Value checks: the combinators that say what a config key allows, and the error that names it; and the
+command line's checks that must come before Hydra starts (unknown tricks and keys, a password in a URI).
 
 A check returns None for a good value, else a phrase saying what is allowed; `require` turns that phrase into a
 ConfigError naming the key, the value and what is allowed. Tricks declare their parameters' checks with these
@@ -7,6 +8,8 @@ package, so everything may import it.
 """
 from __future__ import annotations
 
+import difflib
+import functools
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -113,10 +116,84 @@ def check_tracking_uri(uri: str) -> None:
                           "or ~/.mlflow/credentials; a database URI's password goes in PGPASSWORD or ~/.pgpass")
 
 
+@functools.cache
+def config_keys() -> dict[str, list[str]]:
+    """Every node any file of conf/ can put into a composed config, as dotted path -> its keys (a leaf: []),
+    with the root as "": config.yaml and every option of every group under its package (the group's name, or
+    the file's `# @package`). Hydra's own nodes (hydra, defaults) are left out."""
+    nodes: dict[str, list[str]] = {}
+
+    def add(path: str, key: str) -> str:
+        keys = nodes.setdefault(path, [])
+        if key not in keys:
+            keys.append(key)
+        return f"{path}.{key}" if path else key
+
+    def walk(node: Any, path: str) -> None:
+        nodes.setdefault(path, [])
+        for key in node if isinstance(node, DictConfig) else []:
+            if path or key not in ("hydra", "defaults"):
+                walk(node._get_node(key), add(path, str(key)))  # unresolved: interpolations stay as written
+
+    for f in sorted(CONF_DIR.rglob("*.yaml")):
+        group = f.parent.relative_to(CONF_DIR).as_posix()
+        if group.split("/")[0] == "hydra":
+            continue
+        header = f.read_text().split("\n", 1)[0]
+        package = header.split("@package", 1)[1].strip() if "@package" in header else group
+        path = ""
+        for part in package.replace("/", ".").split(".") if package not in (".", "_global_") else []:
+            path = add(path, part)
+        walk(OmegaConf.load(f), path)
+    return nodes
+
+
+def _open_node(key: str) -> str | None:
+    """The node above key that config.yaml leaves empty for keys of the user's own (ablation.params: {}), if
+    any; a config group's node (trick: {}) is filled by its options, not by the user."""
+    base, parts = OmegaConf.load(CONF_DIR / "config.yaml"), key.split(".")
+    for k in range(1, len(parts)):
+        path = ".".join(parts[:k])
+        node = OmegaConf.select(base, path, default=None)
+        if isinstance(node, DictConfig) and not len(node) and not (CONF_DIR / path.replace(".", "/")).is_dir():
+            return path
+    return None
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """A key no config file has (a misspelling: train.epochz=3) is refused with the keys its node does have and
+    the nearest of them; Hydra would name the key but not what there is. Keys that a file has but this run's
+    config may lack (a trick it does not choose) are left to Hydra, and so are `+` and `~` overrides, Hydra's
+    own keys and config groups."""
+    nodes = config_keys()
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    for o in OverridesParser.create().parse_overrides(args):
+        key = o.key_or_group
+        if (o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None or key in nodes
+                or key.split(".")[0] == "hydra" or (CONF_DIR / key.replace(".", "/")).is_dir()):
+            continue
+        parts = key.split(".")
+        known = next(k for k in range(len(parts) - 1, -1, -1) if ".".join(parts[:k]) in nodes)
+        parent, children = ".".join(parts[:known]), nodes[".".join(parts[:known])]
+        if known and not children:  # inside a leaf: an element of a list (model.widths.0=16) is Hydra's to judge
+            continue
+        message = f"invalid config: {'.'.join(parts[:known + 1])} is not a key of the config"
+        opened = _open_node(key)
+        if opened:
+            raise UserError(f"{message}; keys under {opened} are added with a +: +{o.input_line}")
+        near = difflib.get_close_matches(parts[known], children, n=1, cutoff=0.5)
+        if near:
+            message += f"; did you mean {'.'.join([*parts[:known], near[0]])}?"
+        where = f"{parent}'s keys" if parent else "the config's top-level keys"
+        raise UserError(f"{message} ({where}: {', '.join(sorted(children))})")
+
+
 def check_command_line(argv: list[str]) -> None:
     """What must be refused before Hydra starts: an unknown trick (Hydra would not list the valid ones), a
-    password in the tracking URI (Hydra would save it in the run's .hydra/overrides.yaml)."""
+    key no config file has (Hydra would not list the ones there are), a password in the tracking URI (Hydra
+    would save it in the run's .hydra/overrides.yaml)."""
     check_trick_overrides(argv)
+    check_override_keys(argv)
     for a in argv:
         key, _, value = a.partition("=")
         if key.lstrip("+~") == "mlflow.tracking_uri":

@@ -207,6 +207,10 @@ def test_errors_are_one_line_without_hydras_banner(tmp_path):
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: invalid config: data.path")
     assert "HYDRA_FULL_ERROR" not in res.stderr and "Traceback" not in res.stderr
     assert "Traceback" in run_cli(["train.epochs=0"], tmp_path, env={"CIFAR_ABLATION_TRACEBACK": "1"}).stderr
+    res = run_cli(["-m", "seed=0,1", "train.epochz=3"], tmp_path)  # a misspelled key: before Hydra starts
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
+        "error: invalid config: train.epochz is not a key of the config; did you mean train.epochs? (train's keys:")
+    assert "HYDRA_FULL_ERROR" not in res.stderr and not (tmp_path / "multirun").exists()
 
 
 def test_help_introduces_the_tool(tmp_path):

@@ -1,13 +1,14 @@
 """Config composition, designs, and validation: every bad value fails naming its key and what is allowed."""
 from __future__ import annotations
 
-import pytest
-
 import ast
+import re
+import shlex
 
+import pytest
 from omegaconf import OmegaConf
 
-from cifar_ablation.checks import ConfigError, check_trick_overrides
+from cifar_ablation.checks import ConfigError, UserError, check_command_line, check_trick_overrides
 from cifar_ablation.config import validate
 from cifar_ablation.designs import DESIGNS, design_sweep, ordered_tricks, rung
 from cifar_ablation.identity import classified, flat_params, semantic_hash
@@ -192,6 +193,40 @@ def test_unknown_trick_on_the_command_line_lists_the_valid_ones():
             check_trick_overrides(argv)
         assert all(t in str(err.value) for t in ORDER)
     check_trick_overrides(["trick=[noise,batchnorm]", "seed=0,1", "trick.noise.std=0.1"])
+
+
+@pytest.mark.parametrize("override, says", [
+    ("train.epochz=3", "train.epochz is not a key of the config; did you mean train.epochs? (train's keys: amp, "),
+    ("trian.epochs=3", "trian is not a key of the config; did you mean train? (the config's top-level keys: abl"),
+    ("optim.lrr=1e-3,2e-3", "optim.lrr is not a key of the config; did you mean optim.lr? (optim's keys: betas,"),
+    ("trick.crop.mod=x", "trick.crop.mod is not a key of the config; did you mean trick.crop.mode? (trick.crop's"),
+    ("zzz=1", "zzz is not a key of the config (the config's top-level keys: ablation, data, device, force, "),
+    ("ablation.params.dropout.p=0.3", "ablation.params.dropout is not a key of the config; keys under "
+                                      "ablation.params are added with a +: +ablation.params.dropout.p=0.3"),
+])
+def test_a_key_no_config_file_has_is_named_with_its_nearest_and_the_keys_there_are(make_cfg, override, says):
+    with pytest.raises(UserError) as err:
+        check_command_line(["-m", "seed=0,1", override])
+    assert str(err.value).startswith("invalid config: " + says)
+    with pytest.raises(Exception, match="Could not override"):  # what Hydra says, without the keys there are
+        make_cfg(override.split(",")[0])
+
+
+def test_every_documented_command_passes_the_key_check(make_cfg):
+    """No false alarm: each `python -m cifar_ablation ...` of the READMEs, the Makefile and the CLI's help, and
+    every kind of key Hydra takes that no file here has (its own, groups, +, ~, a list's element)."""
+    docs = [ROOT / "README.md", ROOT / "Makefile", ROOT / "conf/config.yaml", *ROOT.glob("experiments/*/README.md")]
+    lines = [ln for f in docs for ln in re.sub(r"\s*\\\n\s*", " ", f.read_text()).splitlines()]
+    commands = [re.split(r" #|`|\s{2,}| \(", ln.split("python -m cifar_ablation ", 1)[1])[0]
+                for ln in lines if "python -m cifar_ablation " in ln]
+    assert len(commands) >= 15, commands
+    for command in (c for c in commands if "bogus" not in c):  # the README's example of a refused trick aside
+        argv = [a for a in shlex.split(command.replace("$(", "").replace(")", "")) if "$" not in a]
+        check_command_line(argv)
+    check_command_line(["hydra.launcher.n_jobs=3", "data=imagefolder", "optim=sgd", "experiment=ladder",
+                        "+ablation.params.crop.mode=translate", "~ablation.slide", "model.widths.0=16",
+                        "trick=[crop]", "trick.crop.mode=translate", "hydra/launcher=streams"])
+    make_cfg("model.widths.0=16")  # Hydra takes a list's element
 
 
 def test_ablation_params_set_a_trick_only_where_it_is_chosen(make_cfg):

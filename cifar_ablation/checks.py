@@ -15,6 +15,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 Check = Callable[[Any], "str | None"]
@@ -89,20 +90,54 @@ def require(cfg: DictConfig, key: str, check: Check) -> None:
         raise ConfigError(key, value, allowed)
 
 
+def _overrides(argv: list[str]) -> list[Override]:
+    """The command line's overrides (key=value, sweeps included; flags left out), as Hydra parses them."""
+    return OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+
+
+def _trick_lists(o: Override) -> list[list[str]]:
+    """The trick lists a trick= override chooses: each value of a sweep (trick=[],[noise]), or its one value."""
+    values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+    return [v if isinstance(v, list) else [v] for v in values]
+
+
 def check_trick_overrides(argv: list[str]) -> None:
     """Hydra reports an unknown option of a multi-select group without listing the valid ones, and only when
     the job that names it starts: check every trick named on the command line (sweeps included) up front."""
     valid = sorted(p.stem for p in (CONF_DIR / "trick").glob("*.yaml"))
-    args = [a for a in argv if "=" in a and not a.startswith("-")]
-    for o in OverridesParser.create().parse_overrides(args):
+    for o in _overrides(argv):
         if o.key_or_group != "trick" or o.is_delete():
             continue
-        values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
-        for v in values:
-            for name in v if isinstance(v, list) else [v]:
-                if name not in valid:
-                    raise ConfigError("trick", name, "a list of known tricks, from: " + ", ".join(valid) +
-                                      " (e.g. 'trick=[noise,batchnorm]'; 'trick=[]' is the baseline)")
+        for name in (name for names in _trick_lists(o) for name in names):
+            if name not in valid:
+                raise ConfigError("trick", name, "a list of known tricks, from: " + ", ".join(valid) +
+                                  " (e.g. 'trick=[noise,batchnorm]'; 'trick=[]' is the baseline)")
+
+
+def check_trick_params(argv: list[str]) -> None:
+    """trick.<name>.<param>=v sets a parameter of a trick the run chooses; where a job of the command does not
+    choose it, Hydra would fail naming a missing key (and suggest a `+`, which would turn the trick on with
+    only that one parameter): refuse it, saying which trick lists lack it and how to set it where it is chosen."""
+    overrides = _overrides(argv)
+    chosen = [names for o in overrides if o.key_or_group == "trick" and not o.is_delete() for names in _trick_lists(o)]
+    experiment = next((o.value() for o in overrides if o.key_or_group == "experiment"), None)
+    for o in overrides:
+        parts = o.key_or_group.split(".")
+        if parts[0] != "trick" or len(parts) < 3 or o.is_delete():
+            continue
+        name, setting = parts[1], o.input_line.lstrip("+")
+        if chosen:
+            lacking = [f"trick=[{','.join(names)}]" for names in chosen if name not in names]
+        elif experiment is not None:  # a design's sweep: each design has jobs without any one trick
+            design = CONF_DIR / "experiment" / f"{experiment}.yaml"
+            lacking = [f"the jobs of experiment={experiment} that leave it out"] if (
+                design.is_file() and "design_sweep" in design.read_text()) else []
+        else:
+            lacking = ["trick=[] (the default)"]
+        if lacking:
+            raise UserError(f"invalid config: {setting} sets a parameter of the {name} trick, but {name} is not "
+                            f"chosen by {', '.join(lacking)}: add it to the trick list, or set the parameter "
+                            f"wherever {name} is chosen: +ablation.{setting.replace('trick.', 'params.', 1)}")
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -166,8 +201,7 @@ def check_override_keys(argv: list[str]) -> None:
     config may lack (a trick it does not choose) are left to Hydra, and so are `+` and `~` overrides, Hydra's
     own keys and config groups."""
     nodes = config_keys()
-    args = [a for a in argv if "=" in a and not a.startswith("-")]
-    for o in OverridesParser.create().parse_overrides(args):
+    for o in _overrides(argv):
         key = o.key_or_group
         if (o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None or key in nodes
                 or key.split(".")[0] == "hydra" or (CONF_DIR / key.replace(".", "/")).is_dir()):
@@ -194,6 +228,7 @@ def check_command_line(argv: list[str]) -> None:
     would save it in the run's .hydra/overrides.yaml)."""
     check_trick_overrides(argv)
     check_override_keys(argv)
+    check_trick_params(argv)
     for a in argv:
         key, _, value = a.partition("=")
         if key.lstrip("+~") == "mlflow.tracking_uri":

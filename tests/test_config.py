@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cifar_ablation.checks import ConfigError, UserError, check_command_line, check_trick_overrides
-from cifar_ablation.config import validate
+from cifar_ablation.config import apply_trick_params, validate
 from cifar_ablation.designs import DESIGNS, design_sweep, ordered_tricks, rung
 from cifar_ablation.identity import classified, flat_params, semantic_hash
 from cifar_ablation.tricks import BATCH_ORDER, TRICKS
@@ -212,6 +212,31 @@ def test_a_key_no_config_file_has_is_named_with_its_nearest_and_the_keys_there_a
         make_cfg(override.split(",")[0])
 
 
+@pytest.mark.parametrize("argv, lacking", [
+    (["trick.crop.mode=translate"], "trick=[] (the default)"),
+    (["+trick.crop.mode=translate"], "trick=[] (the default)"),  # Hydra's own advice: crop with one parameter
+    (["-m", "trick=[crop],[],[noise]", "trick.crop.mode=translate"], "trick=[], trick=[noise]"),
+    (["experiment=ladder", "trick.crop.mode=translate"], "the jobs of experiment=ladder that leave it out"),
+])
+def test_a_parameter_of_a_trick_some_job_does_not_choose_says_where_to_set_it(make_cfg, argv, lacking):
+    """Hydra fails on it naming a missing key and suggests a +, which would choose the trick with that one
+    parameter; the command is refused instead, with the way that works, which composes for every job."""
+    with pytest.raises(UserError) as err:
+        check_command_line(argv)
+    assert str(err.value) == (f"invalid config: trick.crop.mode=translate sets a parameter of the crop trick, but "
+                              f"crop is not chosen by {lacking}: add it to the trick list, or set the parameter "
+                              f"wherever crop is chosen: +ablation.params.crop.mode=translate")
+    with pytest.raises(Exception, match="Could not override 'trick.crop.mode'"):  # what Hydra makes of it
+        make_cfg("trick.crop.mode=translate")
+    for tricks in ([], ["noise"], ["noise", "crop"]):  # the advice, as each job of such a sweep composes it
+        cfg = make_cfg(f"trick=[{','.join(tricks)}]", "+ablation.params.crop.mode=translate")
+        apply_trick_params(cfg)
+        validate(cfg)
+        assert OmegaConf.select(cfg, "trick.crop.mode") == ("translate" if "crop" in tricks else None)
+    check_command_line(["-m", "trick=[crop],[noise,crop]", "trick.crop.mode=translate", "seed=0,1"])
+    check_command_line(["trick=crop", "trick.crop.p=0.5"])
+
+
 def test_every_documented_command_passes_the_key_check(make_cfg):
     """No false alarm: each `python -m cifar_ablation ...` of the READMEs, the Makefile and the CLI's help, and
     every kind of key Hydra takes that no file here has (its own, groups, +, ~, a list's element)."""
@@ -232,8 +257,6 @@ def test_every_documented_command_passes_the_key_check(make_cfg):
 def test_ablation_params_set_a_trick_only_where_it_is_chosen(make_cfg):
     """The slide_ladder recipe sets crop and capacity parameters for its whole sweep: the jobs that choose the
     trick get them, the others stay without the trick; a bad key or value is named before anything trains."""
-    from cifar_ablation.config import apply_trick_params
-
     recipe = ["+ablation.params.crop.mode=translate", "+ablation.params.capacity.width_mult=4"]
     cfg = make_cfg("trick=[flip,crop,capacity]", *recipe)
     apply_trick_params(cfg)

@@ -14,7 +14,8 @@
 # experiments/slide_ladder/NOTES.md: the ladder alone took ~600 s), so a session calls it twice on the same warm
 # machine, the second call at once with the budget left: WORK (default /tmp/cifar_ablation_gpu) keeps the store,
 # the decoded data and which steps ended well, so the second call goes on where the first stopped (the ladder's
-# FINISHED jobs are skipped and a cut job resumes from its last epoch's checkpoint).
+# FINISHED jobs are skipped and a cut job resumes from its last epoch's checkpoint). A ladder the first call cut
+# missed its one call anyway: the second call runs the bench and the forms first and finishes the ladder after them.
 # The ladder's jobs are shared among PROCS processes (default 9 under MPS, 1 without), each training its share side
 # by side on CUDA streams (hydra/launcher=streams; RUNS at a time in all, default 27; LAUNCHER=parallel: one process
 # per job). Processes share the GPU through MPS (nvidia-cuda-mps-control) where it starts (MPS=0: never): without it
@@ -205,10 +206,11 @@ ladder() {  # ladder PROCESSES: one sweep of 27 jobs, seed 0's nine first (conf/
     "hydra/launcher=$LAUNCHER" train.progress_every_s=60 "${SIZE[@]}" "${share[@]}" "data.cache_dir=$CACHE" \
     "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder "hydra.sweep.dir=$WORK/multirun/ladder"
 }
-if wanted ladder; then
+ladder_and_report() {
   LAUNCHER=${LAUNCHER:-streams}
   [ -e "$WORK/done/ladder" ] || start_tests  # beside the ladder; when it is done already, beside the forms
   LADDER_START=$(date +%s)
+  touch "$WORK/ladder_started"
   ladder "$PROCS"
   rc=$?
   if [ $rc != 0 ] && [ $rc != 124 ] && [ "$LAUNCHER" = streams ] && [ "$PROCS" != 1 ] \
@@ -225,8 +227,14 @@ if wanted ladder; then
   [ -e "$WORK/done/ladder" ] || rm -f "$WORK/done/report"  # the report of a ladder cut short: made again next call
   BUDGET=$(( BUDGET - 40 ))
   save
+  wait_tests
+}
+# A ladder an earlier call cut did not fit one call: its end comes after the bench and the forms, which no call has
+# measured yet, so that a short second call spends its budget on them rather than on a ladder that missed anyway.
+CUT_EARLIER=$([ -e "$WORK/ladder_started" ] && [ ! -e "$WORK/done/ladder" ] && echo 1 || echo 0)
+if wanted ladder && [ $CUT_EARLIER = 0 ]; then
+  ladder_and_report
 fi
-wait_tests
 
 # --- 4. the benchmark at full size, alone on the GPU
 if wanted bench; then
@@ -272,6 +280,10 @@ wait_tests
 # out-of-memory test, alone
 if wanted bench; then
   step "step ops" 90 $PY experiments/speed/step_ops.py "${OPS[@]}"
+fi
+if wanted ladder && [ $CUT_EARLIER = 1 ]; then
+  log "the ladder an earlier call cut goes on now, after the bench and the forms"
+  ladder_and_report
 fi
 if wanted tests; then
   id=${APART%:*}

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,21 @@ def test_a_second_call_goes_on_where_the_first_stopped(first):
             assert f"== {step}: done in an earlier call" in log, step
     assert log.index("== bench: done") < log.index("== gpu tests (at most")  # not started beside the ladder
     assert "== gpu tests: exit 0" in log
+
+
+def test_a_ladder_an_earlier_call_cut_goes_on_after_the_bench_and_the_forms(first, tmp_path):
+    """A ladder cut by the budget missed its one call anyway: a second call measures what no call has yet (the
+    bench, the forms) before it finishes the ladder. Here the first call's WORK, its ladder's mark taken back."""
+    work = tmp_path / "work"
+    shutil.copytree(first.tmp / "work", work)
+    for mark in ("ladder", "report"):
+        (work / "done" / mark).unlink()
+    (work / "done" / "gpu_tests").touch()  # whatever test_a_second_call... did to the first call's WORK
+    _, log = gpu_run({**first.env, "WORK": str(work)}, tmp_path / "out", timeout=300)
+    order = ["== bench: done in an earlier call", "== forms: done in an earlier call", "the ladder an earlier call cut",
+             "== ladder (at most", "== report (at most", "== test test_cuda_out_of_memory_fails_saying_what_to_change:"]
+    assert [log.index(line) for line in order] == sorted(log.index(line) for line in order), log[-3000:]
+    assert "== ladder: exit 0" in log and "FINISHED (jobs: FINISHED: 27)" in log
 
 
 def test_a_ladder_whose_processes_fail_as_it_starts_goes_on_as_one_gang(tmp_path, first):

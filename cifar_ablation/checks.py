@@ -199,7 +199,10 @@ def check_override_keys(argv: list[str]) -> None:
     """A key no config file has (a misspelling: train.epochz=3) is refused with the keys its node does have and
     the nearest of them; Hydra would name the key but not what there is. Keys that a file has but this run's
     config may lack (a trick it does not choose) are left to Hydra, and so are `+` and `~` overrides, Hydra's
-    own keys and config groups."""
+    own keys and config groups; and so is a command that brings config files of its own."""
+    elsewhere = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath")
+    if any(a.lstrip("+").startswith(elsewhere) for a in argv):
+        return
     nodes = config_keys()
     for o in _overrides(argv):
         key = o.key_or_group
@@ -224,8 +227,9 @@ def check_override_keys(argv: list[str]) -> None:
 
 def check_command_line(argv: list[str]) -> None:
     """What must be refused before Hydra starts: an unknown trick (Hydra would not list the valid ones), a
-    key no config file has (Hydra would not list the ones there are), a password in the tracking URI (Hydra
-    would save it in the run's .hydra/overrides.yaml)."""
+    key no config file has (Hydra would not list the ones there are), a trick's parameter where a job does not
+    choose the trick (Hydra's advice, a +, would choose it with that one parameter), a password in the tracking
+    URI (Hydra would save it in the run's .hydra/overrides.yaml)."""
     check_trick_overrides(argv)
     check_override_keys(argv)
     check_trick_params(argv)

@@ -252,6 +252,10 @@ def test_every_documented_command_passes_the_key_check(make_cfg):
                         "+ablation.params.crop.mode=translate", "~ablation.slide", "model.widths.0=16",
                         "trick=[crop]", "trick.crop.mode=translate", "hydra/launcher=streams"])
     make_cfg("model.widths.0=16")  # Hydra takes a list's element
+    check_command_line(["--config-dir", "mine", "myexp.foo=1"])  # config files of the user's own: Hydra judges
+    check_command_line(["hydra.searchpath=[file://mine]", "myexp.foo=1"])
+    with pytest.raises(UserError):
+        check_command_line(["myexp.foo=1"])
 
 
 def test_ablation_params_set_a_trick_only_where_it_is_chosen(make_cfg):

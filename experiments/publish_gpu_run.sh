@@ -11,12 +11,14 @@
 # It writes, refusing to overwrite an earlier NAME:
 #   slide_ladder/NAME.db           the run's store, as it came (the reports read a copy: a report logs a run)
 #   slide_ladder/NAME-run.log      the run's log
-#   slide_ladder/ladder.{md,csv} and its three figures: the report of the ladder's 27 runs (every sweep of them)
+#   slide_ladder/ladder.{md,csv} and its three figures: the report of the ladder's 27 runs (every sweep of them);
+#                                  a ladder the run did not finish (a rung with fewer seeds than the recipe's)
+#                                  goes to slide_ladder/NAME-partial/ instead, the published ladder left as it is
 #   slide_ladder/forms/            the report of the two recipe forms, where the run measured them
 #   speed/NAME-bench.json          the benchmark's numbers, where the run measured them
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# = 2 ] || { sed -n '2,16p' "$0" | cut -c3-; exit 2; }
+[ $# = 2 ] || { sed -n '2,18p' "$0" | cut -c3-; exit 2; }
 FROM=$1 NAME=$2
 DEST=${DEST:-experiments}
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -38,7 +40,24 @@ report() {  # report EXPERIMENT OUT [ARGS...]: from a copy of the store, every s
 }
 cp "$FROM/mlflow.db" "$DEST/slide_ladder/$NAME.db"
 [ -f "$FROM/run.log" ] && cp "$FROM/run.log" "$DEST/slide_ladder/$NAME-run.log"
-report slide-ladder "$DEST/slide_ladder"
+report slide-ladder "$tmp/ladder"
+# complete: every rung of the recipe's order, each with every seed of its sweep (conf/experiment/slide_ladder.yaml)
+if "$PY" - "$tmp/ladder/ladder.csv" <<'PY'
+import csv, sys
+from omegaconf import OmegaConf
+rungs = len(OmegaConf.load("conf/config.yaml").ablation.order) + 1
+seeds = len(str(OmegaConf.load("conf/experiment/slide_ladder.yaml").hydra.sweeper.params.seed).split(","))
+rows = list(csv.DictReader(open(sys.argv[1])))
+sys.exit(not (len(rows) == rungs and all(r["n"] == str(seeds) for r in rows)))
+PY
+then
+  cp -r "$tmp/ladder/." "$DEST/slide_ladder/"
+else
+  mkdir -p "$DEST/slide_ladder/$NAME-partial"
+  cp -r "$tmp/ladder/." "$DEST/slide_ladder/$NAME-partial/"
+  echo "this run's ladder is not complete (a rung with fewer seeds than the recipe's, or none): its report went"
+  echo "to $DEST/slide_ladder/$NAME-partial/, and the published ladder.md stays the earlier run's"
+fi
 if "$PY" -c "import sys; from mlflow.tracking import MlflowClient as C
 sys.exit(C(f'sqlite:///{sys.argv[1]}').get_experiment_by_name('slide-ladder-forms') is None)" "$FROM/mlflow.db"; then
   report slide-ladder-forms "$DEST/slide_ladder/forms" --no-figures

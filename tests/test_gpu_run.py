@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,30 @@ def test_a_second_call_goes_on_where_the_first_stopped(first):
             assert f"== {step}: done in an earlier call" in log, step
     assert log.index("== bench: done") < log.index("== gpu tests (at most")  # not started beside the ladder
     assert "== gpu tests: exit 0" in log
+
+
+def test_a_ladder_the_run_did_not_finish_is_published_apart(first, tmp_path):
+    """Its report goes to NAME-partial/; the published ladder.md (a complete ladder's) is left as it is. Here the
+    first call's store with one run of rung 8, seed 2 made KILLED, as a budget's end leaves it."""
+    out = tmp_path / "out"
+    shutil.copytree(first.out, out)
+    db = sqlite3.connect(out / "mlflow.db")
+    (run,) = db.execute("select r.run_uuid from runs r join tags a on a.run_uuid = r.run_uuid and a.key = 'rung' "
+                        "join tags b on b.run_uuid = r.run_uuid and b.key = 'seed' where a.value = '8' and "
+                        "b.value = '2' and r.status = 'FINISHED'").fetchone()
+    db.execute("update runs set status = 'KILLED' where run_uuid = ?", (run,))
+    db.commit()
+    db.close()
+    dest = tmp_path / "experiments"
+    (dest / "slide_ladder").mkdir(parents=True)
+    (dest / "slide_ladder" / "ladder.md").write_text("the published ladder")
+    res = subprocess.run(["bash", "experiments/publish_gpu_run.sh", str(out), "gpu-cut"], cwd=ROOT,
+                         env={**first.env, "DEST": str(dest)}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (dest / "slide_ladder" / "ladder.md").read_text() == "the published ladder"
+    assert "this run's ladder is not complete" in res.stdout
+    rows = list(csv.DictReader(open(dest / "slide_ladder" / "gpu-cut-partial" / "ladder.csv")))
+    assert [r["n"] for r in rows] == ["3"] * 8 + ["2"], rows
 
 
 def test_a_ladder_an_earlier_call_cut_goes_on_after_the_bench_and_the_forms(first, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -151,24 +151,28 @@ def check_tracking_uri(uri: str) -> None:
                           "or ~/.mlflow/credentials; a database URI's password goes in PGPASSWORD or ~/.pgpass")
 
 
+def node_paths(node: Any, path: str = "") -> Iterator[str]:
+    """The dotted path of every node under node, parents first, unresolved (interpolations stay as written);
+    at the top, Hydra's own nodes (hydra, defaults) left out."""
+    for key in node if isinstance(node, DictConfig) else []:
+        if path or key not in ("hydra", "defaults"):
+            sub = f"{path}.{key}" if path else str(key)
+            yield sub
+            yield from node_paths(node._get_node(key), sub)
+
+
 @functools.cache
 def config_keys() -> dict[str, list[str]]:
     """Every node any file of conf/ can put into a composed config, as dotted path -> its keys (a leaf: []),
     with the root as "": config.yaml and every option of every group under its package (the group's name, or
-    the file's `# @package`). Hydra's own nodes (hydra, defaults) are left out."""
-    nodes: dict[str, list[str]] = {}
+    the file's `# @package`)."""
+    nodes: dict[str, list[str]] = {"": []}
 
-    def add(path: str, key: str) -> str:
-        keys = nodes.setdefault(path, [])
-        if key not in keys:
-            keys.append(key)
-        return f"{path}.{key}" if path else key
-
-    def walk(node: Any, path: str) -> None:
+    def add(path: str) -> None:
+        parent, _, key = path.rpartition(".")
         nodes.setdefault(path, [])
-        for key in node if isinstance(node, DictConfig) else []:
-            if path or key not in ("hydra", "defaults"):
-                walk(node._get_node(key), add(path, str(key)))  # unresolved: interpolations stay as written
+        if key not in nodes.setdefault(parent, []):
+            nodes[parent].append(key)
 
     for f in sorted(CONF_DIR.rglob("*.yaml")):
         group = f.parent.relative_to(CONF_DIR).as_posix()
@@ -176,53 +180,72 @@ def config_keys() -> dict[str, list[str]]:
             continue
         header = f.read_text().split("\n", 1)[0]
         package = header.split("@package", 1)[1].strip() if "@package" in header else group
-        path = ""
-        for part in package.replace("/", ".").split(".") if package not in (".", "_global_") else []:
-            path = add(path, part)
-        walk(OmegaConf.load(f), path)
+        prefix = "" if package in (".", "_global_") else package.replace("/", ".")
+        parts = prefix.split(".") if prefix else []
+        for k in range(1, len(parts) + 1):  # the package's own nodes
+            add(".".join(parts[:k]))
+        for path in node_paths(OmegaConf.load(f), prefix):
+            add(path)
     return nodes
 
 
-def _open_node(key: str) -> str | None:
+@functools.cache
+def _base() -> DictConfig:
+    return OmegaConf.load(CONF_DIR / "config.yaml")
+
+
+def open_node(key: str) -> str | None:
     """The node above key that config.yaml leaves empty for keys of the user's own (ablation.params: {}), if
     any; a config group's node (trick: {}) is filled by its options, not by the user."""
-    base, parts = OmegaConf.load(CONF_DIR / "config.yaml"), key.split(".")
+    parts = key.split(".")
     for k in range(1, len(parts)):
         path = ".".join(parts[:k])
-        node = OmegaConf.select(base, path, default=None)
+        node = OmegaConf.select(_base(), path, default=None)
         if isinstance(node, DictConfig) and not len(node) and not (CONF_DIR / path.replace(".", "/")).is_dir():
             return path
     return None
 
 
+def unknown_key(key: str) -> tuple[str, str] | None:
+    """None where some file of conf/ has key (or key lies inside one of its leaves: a list's element, which
+    Hydra judges); else the first part of key no file has, and what there is instead: "; did you mean
+    train.epochs? (train's keys: ...)"."""
+    nodes = config_keys()
+    if key in nodes:
+        return None
+    parts = key.split(".")
+    known = next(k for k in range(len(parts) - 1, -1, -1) if ".".join(parts[:k]) in nodes)
+    parent, children = ".".join(parts[:known]), nodes[".".join(parts[:known])]
+    if known and not children:
+        return None
+    near = difflib.get_close_matches(parts[known], children, n=1, cutoff=0.5)
+    where = f"{parent}'s keys" if parent else "the config's top-level keys"
+    return (".".join(parts[:known + 1]), (f"; did you mean {'.'.join([*parts[:known], near[0]])}?" if near else "")
+            + f" ({where}: {', '.join(sorted(children))})")
+
+
 def check_override_keys(argv: list[str]) -> None:
     """A key no config file has (a misspelling: train.epochz=3) is refused with the keys its node does have and
     the nearest of them; Hydra would name the key but not what there is. Keys that a file has but this run's
-    config may lack (a trick it does not choose) are left to Hydra, and so are `+` and `~` overrides, Hydra's
-    own keys and config groups; and so is a command that brings config files of its own."""
+    config may lack (a trick it does not choose) are left to Hydra, and so are `+` and `~` overrides (a key
+    added with a + is checked with the composed config: config.validate_keys), Hydra's own keys and config
+    groups; and so is a command that brings config files of its own."""
     elsewhere = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath")
     if any(a.lstrip("+").startswith(elsewhere) for a in argv):
         return
-    nodes = config_keys()
     for o in _overrides(argv):
         key = o.key_or_group
-        if (o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None or key in nodes
+        if (o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None
                 or key.split(".")[0] == "hydra" or (CONF_DIR / key.replace(".", "/")).is_dir()):
             continue
-        parts = key.split(".")
-        known = next(k for k in range(len(parts) - 1, -1, -1) if ".".join(parts[:k]) in nodes)
-        parent, children = ".".join(parts[:known]), nodes[".".join(parts[:known])]
-        if known and not children:  # inside a leaf: an element of a list (model.widths.0=16) is Hydra's to judge
+        problem = unknown_key(key)
+        if problem is None:
             continue
-        message = f"invalid config: {'.'.join(parts[:known + 1])} is not a key of the config"
-        opened = _open_node(key)
+        opened = open_node(key)
         if opened:
-            raise UserError(f"{message}; keys under {opened} are added with a +: +{o.input_line}")
-        near = difflib.get_close_matches(parts[known], children, n=1, cutoff=0.5)
-        if near:
-            message += f"; did you mean {'.'.join([*parts[:known], near[0]])}?"
-        where = f"{parent}'s keys" if parent else "the config's top-level keys"
-        raise UserError(f"{message} ({where}: {', '.join(sorted(children))})")
+            raise UserError(f"invalid config: {problem[0]} is not a key of the config; keys under {opened} are added "
+                            f"with a +: +{o.input_line}")
+        raise UserError(f"invalid config: {problem[0]} is not a key of the config{problem[1]}")
 
 
 def check_command_line(argv: list[str]) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from .checks import ConfigError, boolean, check_tracking_uri, interval, non_empty, number, one_of, optional, require
+from .checks import (ConfigError, UserError, boolean, check_tracking_uri, interval, non_empty, number, one_of,
+                     node_paths, open_node, optional, require, unknown_key)
 from .designs import DESIGNS, SINGLE
 from .factorial import RESOLUTIONS, check_factorial
 from .steps import graph_blocker
@@ -24,6 +25,7 @@ DATASETS = ("cifar10", "imagefolder")
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast, before any data is read or a run is opened. A flat list: one line per key."""
+    validate_keys(cfg)
     validate_tricks(cfg)
     require(cfg, "ablation.design", one_of(SINGLE, *DESIGNS))
     validate_factorial(cfg)
@@ -65,6 +67,17 @@ def validate(cfg: DictConfig) -> None:
     validate_data(cfg)
     require(cfg, "mlflow.tracking_uri", non_empty("tracking URI"))
     require(cfg, "mlflow.experiment", non_empty("experiment name"))
+
+
+def validate_keys(cfg: DictConfig) -> None:
+    """Every key of the config is one some file of conf/ has (under ablation.params, apply_trick_params checks
+    them): a key added with a + (+optim.lrr=0.01, Hydra's own advice for a misspelled key) would be read by
+    nothing, and the run would train as if it were not there."""
+    for key in node_paths(cfg):
+        problem = None if open_node(key) else unknown_key(key)
+        if problem:
+            raise UserError(f"invalid config: {problem[0]} is not a key of the config{problem[1]}; nothing would "
+                            "read it")
 
 
 def apply_trick_params(cfg: DictConfig) -> None:

@@ -211,6 +211,9 @@ def test_errors_are_one_line_without_hydras_banner(tmp_path):
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
         "error: invalid config: train.epochz is not a key of the config; did you mean train.epochs? (train's keys:")
     assert "HYDRA_FULL_ERROR" not in res.stderr and not (tmp_path / "multirun").exists()
+    res = run_cli(["+optim.lrr=0.01", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"], tmp_path)  # Hydra's advice
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
+        "error: invalid config: optim.lrr is not a key of the config; did you mean optim.lr?")
 
 
 def test_help_introduces_the_tool(tmp_path):

@@ -237,6 +237,23 @@ def test_a_parameter_of_a_trick_some_job_does_not_choose_says_where_to_set_it(ma
     check_command_line(["trick=crop", "trick.crop.p=0.5"])
 
 
+@pytest.mark.parametrize("overrides, says", [
+    (["+train.epochz=3"], "train.epochz is not a key of the config; did you mean train.epochs? (train's keys: amp, "),
+    (["+optim.lrr=0.01"], "optim.lrr is not a key of the config; did you mean optim.lr? (optim's keys: betas, lr, "),
+    (["trick=[crop]", "+trick.crop.foo=1"], "trick.crop.foo is not a key of the config (trick.crop's keys: mode, p, "),
+    (["+note=1"], "note is not a key of the config (the config's top-level keys: ablation, data, device, force, "),
+])
+def test_a_key_added_with_a_plus_that_nothing_reads_is_refused(make_cfg, overrides, says):
+    """Hydra's advice for a misspelled key is its + form, which composes: the run would train as if the key were
+    not there (optim.lrr: at the default learning rate)."""
+    with pytest.raises(UserError) as err:
+        validate(make_cfg(*overrides))
+    assert str(err.value).startswith("invalid config: " + says) and str(err.value).endswith("; nothing would read it")
+    cfg = make_cfg("experiment=slide_ladder", "trick=[crop,capacity]", "+ablation.params.crop.pad=2")
+    apply_trick_params(cfg)
+    validate(cfg)  # keys under ablation.params are the user's own (apply_trick_params checks them)
+
+
 def test_every_documented_command_passes_the_key_check(make_cfg):
     """No false alarm: each `python -m cifar_ablation ...` of the READMEs, the Makefile and the CLI's help, and
     every kind of key Hydra takes that no file here has (its own, groups, +, ~, a list's element)."""

@@ -189,6 +189,11 @@ def config_keys() -> dict[str, list[str]]:
     return nodes
 
 
+def _is_group(path: str) -> bool:
+    """Whether a dotted path names a config group of conf/ (trick, data, ...): its node is filled by options."""
+    return (CONF_DIR / path.replace(".", "/")).is_dir()
+
+
 @functools.cache
 def _base() -> DictConfig:
     return OmegaConf.load(CONF_DIR / "config.yaml")
@@ -201,7 +206,7 @@ def open_node(key: str) -> str | None:
     for k in range(1, len(parts)):
         path = ".".join(parts[:k])
         node = OmegaConf.select(_base(), path, default=None)
-        if isinstance(node, DictConfig) and not len(node) and not (CONF_DIR / path.replace(".", "/")).is_dir():
+        if isinstance(node, DictConfig) and not len(node) and not _is_group(path):
             return path
     return None
 
@@ -236,7 +241,7 @@ def check_override_keys(argv: list[str]) -> None:
     for o in _overrides(argv):
         key = o.key_or_group
         if (o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None
-                or key.split(".")[0] == "hydra" or (CONF_DIR / key.replace(".", "/")).is_dir()):
+                or key.split(".")[0] == "hydra" or _is_group(key)):
             continue
         problem = unknown_key(key)
         if problem is None:

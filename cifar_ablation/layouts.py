@@ -57,7 +57,8 @@ def parse(text: str, concurrent: int) -> list[tuple[int, int]]:
 
 def gang(args: argparse.Namespace, seeds: range, images: Images, device: torch.device) -> list[dict]:
     """Runs of `seeds` side by side in this process (one alone: plainly); per run its start, its epoch ends
-    [(time, images so far)], its last epoch's images/s and on CUDA the process's peak memory."""
+    [(time, images so far)], its last epoch's images/s, the process's load (Gang.load()) and on CUDA the
+    process's peak memory."""
     from .streams import Gang, Member
 
     runs, g = [], Gang()
@@ -77,8 +78,10 @@ def gang(args: argparse.Namespace, seeds: range, images: Images, device: torch.d
         runs.append(r)
     while g.members:
         g.round()
-    if device.type == "cuda":  # the process's peak, all its runs together
-        for r in runs:
+    load = g.load()  # the process's: its one thread's CPU and launch shares, all its runs together
+    for r in runs:
+        r["process_load"] = load
+        if device.type == "cuda":  # the process's peak
             r["process_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return runs
 
@@ -93,6 +96,20 @@ def aggregates(runs: list[dict]) -> dict:
         steady = sum(_images_at(r["epochs"], t1) - _images_at(r["epochs"], t0) for r in runs) / (t1 - t0)
     return {"aggregate_images_per_second": whole, "steady_images_per_second": steady,
             "steady_window_s": max(0.0, t1 - t0)}
+
+
+def loads_text(per_run: list[dict]) -> str:
+    """The processes' launching threads (Gang.load()), lowest to highest over the processes: 'each process's
+    thread: CPU a–b % of one core, c–d % of the wall inside CUDA graph launches' (the latter on CUDA only)."""
+    loads = list({tuple(sorted(r["process_load"].items())): r["process_load"] for r in per_run}.values())
+
+    def span(key: str) -> str:
+        lo, hi = (100 * f(x[key] for x in loads) for f in (min, max))
+        return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}"
+    text = f"each process's thread: CPU {span('cpu_share')} % of one core"
+    if any(x["launch_share"] for x in loads):
+        text += f", {span('launch_share')} % of the wall inside CUDA graph launches"
+    return text
 
 
 def _images_at(epochs: list[tuple[float, int]], t: float) -> float:

@@ -115,17 +115,22 @@ class Gang:
         self.steps, self.started, self.cpu = 0, time.perf_counter(), time.process_time()
         self.launches = Launches.seconds
 
-    def pace(self) -> str:
-        """The training steps taken so far, all members together, and their rate since the gang began; the
-        process's CPU time over that wall time (near 100 %: the one launching thread may be what limits the
-        gang); on CUDA the share of the wall spent inside graph launches (a launch waits there while the GPU's
-        queue is full). The GPU's own utilization tells the rest: experiments/gpu_run.sh logs it."""
+    def load(self) -> dict[str, float]:
+        """What held the gang back, since it began: its training steps, the wall (s), the process's CPU time over
+        the wall (near 1: the one launching thread may be what limits the gang), and on CUDA the share of the
+        wall spent inside graph launches (a launch waits there while the GPU's queue is full: near the CPU's
+        share, the GPU held the thread)."""
         wall = max(time.perf_counter() - self.started, 1e-9)
-        busy, launching = (time.process_time() - self.cpu) / wall, (Launches.seconds - self.launches) / wall
-        line = (f"{self.steps:,} training steps in {wall:.0f} s, {self.steps / wall:,.0f} steps/s in all; "
-                f"CPU {100 * busy:.0f} % of one core")
-        if launching:
-            line += f", {100 * launching:.0f} % of the wall inside CUDA graph launches"
+        return {"steps": self.steps, "wall_s": wall, "cpu_share": (time.process_time() - self.cpu) / wall,
+                "launch_share": (Launches.seconds - self.launches) / wall}
+
+    def pace(self) -> str:
+        """load() as a line for the log. The GPU's own utilization tells the rest: experiments/gpu_run.sh logs it."""
+        n = self.load()
+        line = (f"{n['steps']:,} training steps in {n['wall_s']:.0f} s, {n['steps'] / n['wall_s']:,.0f} steps/s in "
+                f"all; CPU {100 * n['cpu_share']:.0f} % of one core")
+        if n["launch_share"]:
+            line += f", {100 * n['launch_share']:.0f} % of the wall inside CUDA graph launches"
         return line
 
     def add(self, m: Member | None) -> None:

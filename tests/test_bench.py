@@ -8,7 +8,7 @@ import torch
 
 from cifar_ablation import tricks
 from cifar_ablation.bench import main
-from cifar_ablation.layouts import aggregates, measure
+from cifar_ablation.layouts import aggregates, loads_text, measure
 
 
 def test_bench_prints_both_loops_the_ratio_and_the_aggregate_of_each_layout(imagefolder, capsys):
@@ -26,6 +26,23 @@ def test_bench_prints_both_loops_the_ratio_and_the_aggregate_of_each_layout(imag
         assert r["aggregate_images_per_second"] > 0
         assert sorted(run["seed"] for run in r["per_run"]) == [0, 1]  # seed k: run k, whichever process
         assert all([e for _, e in run["epochs"]] == [100, 200, 300] for run in r["per_run"])  # 5 batches of 20
+        for run in r["per_run"]:  # each process's thread, as its gang measured it: no graph launches on a CPU
+            load = run["process_load"]
+            assert load["steps"] == 15 * (2 if r["layout"] == "1x2" else 1) and load["cpu_share"] > 0
+            assert load["launch_share"] == 0
+    assert out.count("each process's thread: CPU ") == 2 and "graph launches" not in out
+
+
+def test_the_processes_loads_are_given_as_their_range_once_per_process():
+    """Runs of one process share its load (their dicts equal); the line spans the processes, lowest to highest."""
+    a = {"steps": 10, "wall_s": 2.0, "cpu_share": 0.98, "launch_share": 0.61}
+    b = {"steps": 12, "wall_s": 2.0, "cpu_share": 0.4, "launch_share": 0.05}
+    runs = [{"process_load": dict(a)}, {"process_load": dict(a)}, {"process_load": dict(b)}]
+    assert loads_text(runs) == "each process's thread: CPU 40–98 % of one core, 5–61 % of the wall inside CUDA " \
+                               "graph launches"
+    assert loads_text(runs[:2]) == "each process's thread: CPU 98 % of one core, 61 % of the wall inside CUDA " \
+                                   "graph launches"
+    assert loads_text([{"process_load": {**b, "launch_share": 0.0}}]) == "each process's thread: CPU 40 % of one core"
 
 
 def test_the_steady_aggregate_counts_only_the_window_where_every_run_trains():

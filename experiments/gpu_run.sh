@@ -279,7 +279,7 @@ wait_tests
 # (experiments/speed/step_ops.py, into run.log: beside each run's first replay in the ladder's log); then the
 # out-of-memory test, alone
 if wanted bench; then
-  step "step ops" 90 $PY experiments/speed/step_ops.py "${OPS[@]}"
+  step "step ops" 120 $PY experiments/speed/step_ops.py "${OPS[@]}"
 fi
 if wanted ladder && [ $CUT_EARLIER = 1 ]; then
   log "the ladder an earlier call cut goes on now, after the bench and the forms"

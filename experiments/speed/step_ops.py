@@ -5,7 +5,11 @@ per step, and the three that take most of it; and the captured step alone: one r
 launch's CPU time, and replays back to back. A kernel time near the replay's says the GPU is busy with the
 step's kernels; far below it, it waits between them; back to back near 1e6 / launch us, the thread bounds a run.
 
-    python experiments/speed/step_ops.py [--device cpu|cuda] [--batch-size 128] [--profile 5] [--replays 40]
+    python experiments/speed/step_ops.py [--device cpu|cuda] [--batch-size 128] [--profile 5] [--replays 40] [--wide 3]
+
+--wide K also replays each rung's captured step at K times the batch (CUDA): near K times the batch's replay,
+the GPU is as busy as it can be with this net at this batch (larger kernels, as larger batches or a rung's seeds
+trained as one wider net would make, buy nothing); near 1 time, each kernel leaves most of the GPU idle.
 
 Each rung's real setup() on random images (the ops do not depend on them), the optimizer as a captured step
 makes it (make_optimizer(graph=True)), the step eager; a TorchDispatchMode counts the ops of its second step
@@ -136,21 +140,36 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--profile", type=int, default=5, help="steps the kernel columns average over (0: none)")
     ap.add_argument("--replays", type=int, default=40, help="captured steps timed back to back (CUDA)")
+    ap.add_argument("--wide", type=int, default=3, help="also replay the captured step at this many times the "
+                    "batch (CUDA; 1: not)")
     args = ap.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         order = list(compose(config_name="config").ablation.order)
     device = torch.device(args.device)
-    images = random_images((WARMUP + 4 + max(args.profile, args.replays)) * args.batch_size)
+    wide = args.batch_size * max(args.wide, 1)
+    images = random_images((WARMUP + 4 + max(args.profile, args.replays)) * wide)
     print(f"aten ops and CUDA kernels per training step, batch {args.batch_size}, on {device} (torch "
-          f"{torch.__version__}); the captured step alone\n| rung | adds | ops | kernels | kernel ms | longest "
-          "kernels | replay ms on the GPU | launch us | steps/s back to back |\n|---|---|---|---|---|---|---|---|---|")
+          f"{torch.__version__}); the captured step alone, and at batch {wide}\n| rung | adds | ops | kernels | "
+          f"kernel ms | longest kernels | replay ms on the GPU | launch us | steps/s back to back | replay ms at "
+          f"batch {wide} (× the batch's) |\n|---|---|---|---|---|---|---|---|---|---|")
     total = 0
     for k in range(len(order) + 1):
         n, cols = step_ops(order[:k], device, args.batch_size, images, args.profile)
         total += n
-        print(f"| {k} | {order[k - 1] if k else 'baseline'} | {n} |{cols or ' | | |'}"
-              f"{replays(order[:k], device, args.batch_size, images, args.replays)}", flush=True)
-    print(f"| all | | {total} | | | | | | |")
+        alone = replays(order[:k], device, args.batch_size, images, args.replays)
+        print(f"| {k} | {order[k - 1] if k else 'baseline'} | {n} |{cols or ' | | |'}{alone}"
+              f"{widened(alone, replays(order[:k], device, wide, images, 3) if wide > args.batch_size else '')}",
+              flush=True)
+    print(f"| all | | {total} | | | | | | | |")
+
+
+def widened(alone: str, wide: str) -> str:
+    """| the wide batch's replay ms (× the batch's) | from the two replays() rows ('' or – where not measured)."""
+    try:
+        one, more = float(alone.split("|")[0]), float(wide.split("|")[0])
+    except ValueError:
+        return " – |"
+    return f" {more:.3f} ({more / one:.2f}×) |"
 
 
 if __name__ == "__main__":

@@ -143,10 +143,13 @@ def main() -> None:
     ap.add_argument("--wide", type=int, default=3, help="also replay the captured step at this many times the "
                     "batch (CUDA; 1: not)")
     args = ap.parse_args()
+    for key in ("batch_size", "wide"):
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')}={getattr(args, key)}: must be an integer >= 1")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         order = list(compose(config_name="config").ablation.order)
     device = torch.device(args.device)
-    wide = args.batch_size * max(args.wide, 1)
+    wide = args.batch_size * args.wide
     images = random_images((WARMUP + 4 + max(args.profile, args.replays)) * wide)
     print(f"aten ops and CUDA kernels per training step, batch {args.batch_size}, on {device} (torch "
           f"{torch.__version__}); the captured step alone, and at batch {wide}\n| rung | adds | ops | kernels | "

@@ -160,6 +160,7 @@ print(f'{len(i.train_y)} training and {len(i.test_y)} test images of {i.source},
 TESTS=(tests/test_gpu.py::test_graph_and_eager_steps_give_the_same_loss_curve:90
        tests/test_gpu.py::test_the_batch_made_inside_the_graph_is_the_eager_batch:90
        tests/test_gpu.py::test_a_training_step_never_waits_for_the_gpu:90
+       tests/test_gpu.py::test_a_gangs_turns_never_wait_for_the_gpu:90
        tests/test_gpu.py::test_a_captured_steps_adam_is_the_fused_kernel:45
        tests/test_gpu.py::test_no_autograd_node_outlives_a_step_on_the_graph_path:60
        tests/test_gpu.py::test_a_short_cuda_run_on_the_graph_path_learns:90

@@ -81,6 +81,31 @@ def test_a_training_step_never_waits_for_the_gpu(make_cfg, jpeg_cache, crop):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_a_gangs_turns_never_wait_for_the_gpu(make_cfg, jpeg_cache):
+    """The launching thread of hydra/launcher=streams: a member's whole turn (its random states and stream put
+    in place, the loop's next batch, the step, the schedule, the states taken back) must not wait for the GPU,
+    or the members' steps take turns instead of overlapping. Two runs of the top rung as one gang; once both
+    are captured (and their timed first replays, which wait, are done), 20 rounds under sync debug mode "error"."""
+    from cifar_ablation.streams import Gang, Member
+    from cifar_ablation.train import training
+
+    cfgs = [make_cfg(*CUDA, f"data.cache_dir={jpeg_cache}", "train.epochs=1", TOP, f"seed={seed}") for seed in (0, 1)]
+    images, gang = load_images(cfgs[0].data), Gang()
+    for seed, cfg in enumerate(cfgs):
+        gang.add(Member.prime(seed, training(cfg, images), lambda value, error: None)[0])
+    for _ in range(WARMUP + 2):  # warm-up, capture, first replay: each may wait
+        gang.round()
+    assert gang.steps == 2 * (WARMUP + 2) and len(gang.members) == 2  # mid-epoch: 6400 images are 50 steps
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            gang.round()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert gang.steps == 2 * (WARMUP + 22)
+    gang.stop(KeyboardInterrupt())
+
+
 @pytest.mark.parametrize("crop", ["resize", "translate"])
 def test_the_batch_made_inside_the_graph_is_the_eager_batch(make_cfg, jpeg_cache, crop):
     """The batch tricks' random numbers come from the run's own generator, registered with the graph: each

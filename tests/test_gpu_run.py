@@ -56,7 +56,7 @@ def test_every_step_runs_in_order_with_the_tests_beside_the_ladder(first):
     assert at["report"] < at["bench"] < at["forms"] < at["step ops"] < at[STEPS[-1]], at
     assert log.index("---- the GPU tests' output") > log.index("== report: exit 0")  # joined after the report
     assert re.search(r"\| 8 \| capacity \| \d+ \|", log)  # the ops of each rung's step, rung 0 to 8
-    assert "11 skipped" in log and "1 skipped" in log  # the 10 GPU tests (2 parametrized twice), with their reason
+    assert "12 skipped" in log and "1 skipped" in log  # the 11 GPU tests (2 parametrized twice), with their reason
     assert "Launching 27 jobs in 2 processes, 1 at a time in each" in log  # the ladder: two gangs, two processes
     assert log.count("Launching 14 jobs in this process") == 1 and log.count("Launching 13 jobs in this process") == 1
     assert re.search(r"== ladder: exit 0 after \d+s, GPU busy mean 37 % \(max 37 %\), memory up to 1234 MiB", log)

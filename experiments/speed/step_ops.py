@@ -103,12 +103,13 @@ def kernels(step, device: torch.device, steps: int) -> str:
     return f" {len(events) / steps:.0f} | {total / steps:.3f} | {top} |"
 
 
-def replays(tricks: list[str], device: torch.device, batch_size: int, images: Images, n: int) -> str:
-    """The captured step alone on the GPU (CUDA only): | one replay's time on the GPU, ms | the CPU time of a
-    launch (the index copy and the replay call), us | steps/s of n replays back to back |. Back to back near
-    1000 / GPU ms: one run is bound by the GPU's run of its kernels; near 1e6 / launch us: by its thread."""
+def replays(tricks: list[str], device: torch.device, batch_size: int, images: Images,
+            n: int) -> tuple[float, float, float] | str:
+    """The captured step alone on the GPU (CUDA only): one replay's time on the GPU (ms), the CPU time of a
+    launch (the index copy and the replay call, us), and the steps/s of n replays back to back; or why not. Back to
+    back near 1000 / GPU ms: one run is bound by the GPU's run of its kernels; near 1e6 / launch us: by its thread."""
     if device.type != "cuda" or n == 0:
-        return " – | – | – |"
+        return "–"
     try:
         p, batches = parts(tricks, device, batch_size, images, graph=True)
         for _ in range(WARMUP + 2):  # warm-up, capture (and its timed first replay), one more replay
@@ -128,10 +129,18 @@ def replays(tricks: list[str], device: torch.device, batch_size: int, images: Im
             launch += time.perf_counter() - t
             p.step.schedule()
         torch.cuda.synchronize(device)
-        rate = n / (time.perf_counter() - t0)
-        return f" {one:.3f} | {1e6 * launch / n:.0f} | {rate:,.0f} |"
+        return one, 1e6 * launch / n, n / (time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 — the other columns stand
-        return f" the captured step failed: {type(e).__name__}: {str(e)[:80]} | – | – |"
+        return f"the captured step failed: {type(e).__name__}: {str(e)[:80]}"
+
+
+def replay_cells(alone: tuple[float, float, float] | str, wide: tuple[float, float, float] | str | None) -> str:
+    """| replay ms | launch us | steps/s back to back | the wide batch's replay ms (× the batch's) |"""
+    cells = [f"{alone[0]:.3f}", f"{alone[1]:.0f}", f"{alone[2]:,.0f}"] if isinstance(alone, tuple) \
+        else [alone, "–", "–"]
+    both = isinstance(alone, tuple) and isinstance(wide, tuple)
+    cells.append(f"{wide[0]:.3f} ({wide[0] / alone[0]:.2f}×)" if both else wide if isinstance(wide, str) else "–")
+    return "".join(f" {c} |" for c in cells)
 
 
 def main() -> None:
@@ -160,19 +169,10 @@ def main() -> None:
         n, cols = step_ops(order[:k], device, args.batch_size, images, args.profile)
         total += n
         alone = replays(order[:k], device, args.batch_size, images, args.replays)
-        print(f"| {k} | {order[k - 1] if k else 'baseline'} | {n} |{cols or ' | | |'}{alone}"
-              f"{widened(alone, replays(order[:k], device, wide, images, 3) if wide > args.batch_size else '')}",
+        wider = replays(order[:k], device, wide, images, 3) if wide > args.batch_size and alone != "–" else None
+        print(f"| {k} | {order[k - 1] if k else 'baseline'} | {n} |{cols or ' | | |'}{replay_cells(alone, wider)}",
               flush=True)
     print(f"| all | | {total} | | | | | | | |")
-
-
-def widened(alone: str, wide: str) -> str:
-    """| the wide batch's replay ms (× the batch's) | from the two replays() rows ('' or – where not measured)."""
-    try:
-        one, more = float(alone.split("|")[0]), float(wide.split("|")[0])
-    except ValueError:
-        return " – |"
-    return f" {more:.3f} ({more / one:.2f}×) |"
 
 
 if __name__ == "__main__":

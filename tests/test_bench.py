@@ -136,3 +136,22 @@ def test_bad_input_stops_the_bench_with_one_line_naming_the_key(argv, says, caps
         main(["--concurrent", "0", "--device", "cpu", *argv])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and says in err and "Traceback" not in err, err
+
+
+def test_step_ops_gives_the_wide_replay_against_the_batchs_and_says_why_a_cell_is_empty():
+    """experiments/speed/step_ops.py's replay columns (its CUDA numbers come from the prepared GPU run): the wide
+    batch's replay time and its ratio to the batch's; a failed capture's reason in its cell, the rest dashes."""
+    import importlib.util
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("step_ops", ROOT / "experiments" / "speed" / "step_ops.py")
+    step_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_ops)
+    cells = step_ops.replay_cells
+    assert cells((0.97, 35.2, 1000.4), (1.5, 40.0, 600.0)) == " 0.970 | 35 | 1,000 | 1.500 (1.55×) |"
+    assert cells((0.97, 35.2, 1000.4), None) == " 0.970 | 35 | 1,000 | – |"
+    assert cells((0.97, 35.2, 1000.4), "the captured step failed: X") == " 0.970 | 35 | 1,000 | the captured step " \
+                                                                          "failed: X |"
+    assert cells("the captured step failed: Y", None) == " the captured step failed: Y | – | – | – |"
+    assert cells("–", None) == " – | – | – | – |"  # on a CPU

@@ -59,10 +59,8 @@ ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds (CIFAR-10, 
 	    jobs_per_device=$(LADDER_RUNS) hydra.launcher.processes=$(LADDER_PROCS)
 	$(BIN)/python -m cifar_ablation.report --experiment slide-ladder --out experiments/slide_ladder
 
-gpu-prep:  ## before a GPU run: MLflow/Hydra wheels into .whl/, the JPEG mirror into data/ (both git-ignored)
-	bash ../shared/tools/offline-wheels.sh .whl 'mlflow>=3.7,<3.18' submitit joblib pydoe3 pytest
-	mkdir -p data && cp $(MIRROR) data/cifar10-jpeg.tar.gz
-	du -shc .whl data/cifar10-jpeg.tar.gz
+gpu-prep:  ## before a GPU run: wheels (Hydra, MLflow, pytest, py-spy) into .whl/, the mirror into data/ (git-ignored)
+	bash experiments/gpu_prep.sh $(MIRROR)
 
 gpu-run:  ## the prepared GPU run of issue #10 into OUT=gpu_out; STEPS=ladder,tests,bench,forms; TINY=--tiny on a CPU
 	bash experiments/gpu_run.sh $(TINY) $(if $(STEPS),--steps $(STEPS)) $(or $(OUT),gpu_out)

@@ -21,10 +21,11 @@
 # per job). Processes share the GPU through MPS (nvidia-cuda-mps-control) where it starts (MPS=0: never): without it
 # they take turns on the GPU instead of running their kernels side by side. Should the ladder's processes fail as
 # it starts, it goes on as one gang in one process.
+# 150 s into the ladder py-spy (carried as a wheel) records its processes for 10 s: where their threads' time goes.
 # The GPU tests check results, not speed: they run in the background beside the trainings measured for accuracy
 # (the ladder, the forms), never beside the benchmark; the out-of-memory test runs with nothing else on the GPU.
 # The GPU machine has python3 with torch but no Hydra or MLflow, no network, and no ../shared: carry the wheels
-# (make gpu-prep: ../shared/tools/offline-wheels.sh .whl) and the data (data/cifar10-jpeg.tar.gz) in
+# (make gpu-prep: experiments/gpu_prep.sh) and the data (data/cifar10-jpeg.tar.gz) in
 # the checkout; the script installs the wheels into /tmp/site when Hydra is missing. --tiny is the same script
 # at toy sizes on the CPU, for rehearsal here (tests/test_gpu_run.py runs it).
 # Budget (seconds of the whole run): GPU_RUN_BUDGET, default 540 (the device tool allows 600 per command).
@@ -88,6 +89,7 @@ MPS_ON=0
 cleanup() {
   [ -n "${SAMPLER:-}" ] && kill "$SAMPLER" 2>/dev/null
   [ -n "${TESTS_PID:-}" ] && pkill -TERM -P "$TESTS_PID" 2>/dev/null  # the background tests' timeouts pass it on
+  [ -n "${SPY_PID:-}" ] && kill "$SPY_PID" 2>/dev/null
   [ $MPS_ON = 1 ] && echo quit | nvidia-cuda-mps-control
 }
 trap cleanup EXIT
@@ -144,6 +146,9 @@ else
   OPS=(--device cuda --batch-size 128)
 fi
 STORE=sqlite:///$WORK/mlflow.db
+# py-spy: carried as a wheel (make gpu-prep) into /tmp/site; here beside the Python (make install)
+SPY=$(command -v py-spy || ls /tmp/site/bin/py-spy "$(dirname "$(command -v "$PY")")/py-spy" 2>/dev/null | head -1)
+SPY_AT=$([ $TINY = 1 ] && echo 2 || echo 150) SPY_S=$([ $TINY = 1 ] && echo 3 || echo 10)
 save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
 
 # --- 2. the data, decoded once into the cache the tests, the ladder, the bench and the forms read ----------------
@@ -207,11 +212,39 @@ ladder() {  # ladder PROCESSES: one sweep of 27 jobs, seed 0's nine first (conf/
     "hydra/launcher=$LAUNCHER" train.progress_every_s=60 "${SIZE[@]}" "${share[@]}" "data.cache_dir=$CACHE" \
     "mlflow.tracking_uri=$STORE" mlflow.experiment=slide-ladder "hydra.sweep.dir=$WORK/multirun/ladder"
 }
+# py-spy on the ladder's launching threads: SPY_AT s into the ladder (its processes set up and captured), SPY_S s
+# of each gang process's stacks, native frames too, summed up (experiments/speed/spy_table.py) into run.log after
+# the ladder: where each main thread's time goes (graph launches, other CUDA calls, waiting, CPU work), which the
+# pace lines leave open. Each sample stops the process for a moment: a few seconds' slowdown of the ladder at most.
+spy_on_ladder() {  # once SPY_AT s have passed and all PROCS gang processes run (or 120 s more, whatever runs then)
+  local launcher pids waited
+  mkdir -p "$WORK/spy" "$WORK/done"
+  for (( waited = 0; ; waited++ )); do
+    sleep 1
+    launcher=$(ps -eo pid=,args= | awk '$2 != "timeout" && /-m cifar_ablatio[n] experiment=slide_ladder/ {print $1; exit}')
+    [ -n "$launcher" ] || { echo "py-spy: no ladder process left to record"; return; }
+    pids=$(pgrep -P "$launcher" -f spawn_main)  # the gangs' processes (none: the launcher is the one gang)
+    [ "$waited" -lt "$SPY_AT" ] && continue
+    [ "$PROCS" = 1 ] || [ "$(wc -w <<<"$pids")" -ge "$PROCS" ] || [ "$waited" -ge $(( SPY_AT + 120 )) ] && break
+  done
+  pids=${pids:-$launcher}
+  for pid in $pids; do
+    timeout $(( SPY_S + 30 )) "$SPY" record --pid "$pid" --duration "$SPY_S" --rate 100 --native --idle --threads \
+      --format raw --output "$WORK/spy/spy-$pid.txt" >>"$WORK/spy/py-spy.log" 2>&1 &
+  done
+  wait
+  ls "$WORK"/spy/spy-*.txt >/dev/null 2>&1 || { echo "py-spy recorded nothing:"; tail -5 "$WORK/spy/py-spy.log"; return; }
+  $PY experiments/speed/spy_table.py --seconds "$SPY_S" "$WORK"/spy/spy-*.txt && touch "$WORK/done/spy"
+}
 ladder_and_report() {
   LAUNCHER=${LAUNCHER:-streams}
   [ -e "$WORK/done/ladder" ] || start_tests  # beside the ladder; when it is done already, beside the forms
   LADDER_START=$(date +%s)
   touch "$WORK/ladder_started"
+  if [ -n "$SPY" ] && [ ! -e "$WORK/done/spy" ]; then
+    spy_on_ladder >"$WORK/spy.md" 2>&1 &
+    SPY_PID=$!
+  fi
   ladder "$PROCS"
   rc=$?
   if [ $rc != 0 ] && [ $rc != 124 ] && [ "$LAUNCHER" = streams ] && [ "$PROCS" != 1 ] \
@@ -228,6 +261,11 @@ ladder_and_report() {
   [ -e "$WORK/done/ladder" ] || rm -f "$WORK/done/report"  # the report of a ladder cut short: made again next call
   BUDGET=$(( BUDGET - 40 ))
   save
+  if [ -n "${SPY_PID:-}" ]; then  # ends within a second once the ladder has, or when its recording is summed up
+    wait "$SPY_PID"
+    SPY_PID=
+    { echo "---- py-spy on the ladder's processes, ${SPY_AT}s into it"; cat "$WORK/spy.md"; } >>"$LOG"
+  fi
   wait_tests
 }
 # A ladder an earlier call cut did not fit one call: its end comes after the bench and the forms, which no call has

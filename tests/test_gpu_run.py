@@ -63,6 +63,16 @@ def test_every_step_runs_in_order_with_the_tests_beside_the_ladder(first):
     assert re.search(r"streams: [\d,]+ training steps in \d+ s, [\d,]+ steps/s in all; CPU \d+ % of one core", log)
 
 
+def test_py_spy_records_each_of_the_ladders_processes_while_they_train(first):
+    """Both gang processes, each main thread's samples sorted (on the CPU none in a graph launch or the CUDA driver),
+    the table in run.log after the ladder and in the summary."""
+    section = re.split(r"---- py-spy on the ladder's processes, \d+s into it", first.log)[1].split("\n==")[0]
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| 0 % \| 0 % \| \d+ % \| \d+ % \| [\d.]+ \|$", section, re.M)
+    assert len(rows) == 2 and all(int(n) >= 100 for _, n in rows), section[:3000]  # 3 s at 100 Hz, give or take
+    assert "| the main threads' commonest stacks, 3 s each" in section
+    assert "| py-spy, the ladder's gang processes (pid) |" in first.stdout[first.stdout.index("==== summary of"):]
+
+
 def test_the_summary_ends_the_output(first):
     """Where the device tool's output tail (its last 12,000 characters) shows it."""
     tail = first.stdout[first.stdout.index("==== summary of"):]

@@ -72,15 +72,24 @@ step() {
 
 # The GPU's utilization every 2 s while the script runs (nvidia-smi, where there is one), summed up per step:
 # with the gang's CPU line (the launcher's pace), it says whether the GPU or the launching thread held the runs back.
+# The board's power draw too, where this nvidia-smi reports it: "busy" counts the time any kernel runs, however few
+# of the multiprocessors it keeps working; a busy GPU drawing little power runs small kernels that leave most idle.
 GPU_USE=$WORK/gpu_use.csv
-gpu_use() {  # gpu_use START: ", GPU busy mean X % (max Y %), memory up to Z MiB" over the samples since START
+gpu_use() {  # gpu_use START: ", GPU busy mean X % (max Y %), power mean P W (max Q W), memory up to Z MiB"
   [ -s "$GPU_USE" ] || return 0
   awk -F', *' -v t="$1" '$1 >= t { n++; u += $2; if ($2 > m) m = $2; if ($3 > mem) mem = $3 }
-    END { if (n) printf ", GPU busy mean %.0f %% (max %d %%), memory up to %d MiB, %d samples", u / n, m, mem, n }' "$GPU_USE"
+    $1 >= t && $4 ~ /^[0-9.]+$/ { np++; w += $4; if ($4 > wm) wm = $4 }
+    END { if (!n) exit
+          printf ", GPU busy mean %.0f %% (max %d %%)", u / n, m
+          if (np) printf ", power mean %.0f W (max %.0f W)", w / np, wm
+          printf ", memory up to %d MiB, %d samples", mem, n }' "$GPU_USE"
 }
 if command -v nvidia-smi >/dev/null; then
+  SMI_FIELDS=utilization.gpu,memory.used
+  nvidia-smi --query-gpu=power.draw --format=csv,noheader,nounits -i 0 2>/dev/null | grep -qE '^[0-9.]+$' \
+    && SMI_FIELDS+=,power.draw
   ( while :; do
-      echo "$(date +%s), $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -i 0)"
+      echo "$(date +%s), $(nvidia-smi --query-gpu=$SMI_FIELDS --format=csv,noheader,nounits -i 0)"
       sleep 2
     done >>"$GPU_USE" 2>/dev/null ) &
   SAMPLER=$!

@@ -34,11 +34,11 @@ def gpu_run(env: dict, out: Path, *args: str, timeout: int = 600) -> tuple[subpr
 
 @pytest.fixture(scope="module")
 def first(tmp_path_factory):
-    """The first call, all steps, with a stand-in nvidia-smi (utilization %, memory MiB) on the PATH."""
+    """The first call, all steps, with a stand-in nvidia-smi (utilization %, memory MiB, power W) on the PATH."""
     tmp = tmp_path_factory.mktemp("gpu_run")
     smi = tmp / "bin" / "nvidia-smi"
     smi.parent.mkdir()
-    smi.write_text("#!/bin/sh\necho '37, 1234'\n")
+    smi.write_text("#!/bin/sh\ncase \"$*\" in *utilization*) echo '37, 1234, 123.4' ;; *) echo '123.4' ;; esac\n")
     smi.chmod(0o755)
     env = {**os.environ, "PYTHON": sys.executable, "DATA": str(make_imagefolder(tmp, "tar", per_class=80)),
            "WORK": str(tmp / "work"), "OMP_NUM_THREADS": "1", "GPU_RUN_BUDGET": "400",
@@ -59,7 +59,8 @@ def test_every_step_runs_in_order_with_the_tests_beside_the_ladder(first):
     assert "12 skipped" in log and "1 skipped" in log  # the 11 GPU tests (2 parametrized twice), with their reason
     assert "Launching 27 jobs in 2 processes, 1 at a time in each" in log  # the ladder: two gangs, two processes
     assert log.count("Launching 14 jobs in this process") == 1 and log.count("Launching 13 jobs in this process") == 1
-    assert re.search(r"== ladder: exit 0 after \d+s, GPU busy mean 37 % \(max 37 %\), memory up to 1234 MiB", log)
+    assert re.search(r"== ladder: exit 0 after \d+s, GPU busy mean 37 % \(max 37 %\), power mean 123 W \(max 123 W\), "
+                     r"memory up to 1234 MiB", log)
     assert re.search(r"streams: [\d,]+ training steps in \d+ s, [\d,]+ steps/s in all; CPU \d+ % of one core", log)
 
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checks import UserError
 from .config import validate
 from .data import Images, load_images
-from .layouts import bench_config, loads_text, measure, parse
+from .layouts import bench_config, gpu_text, loads_text, measure, parse
 from .model import kernels
 from .stats import compare, summary
 from .train import build, make_optimizer, pick_device, train
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{agg['aggregate_images_per_second']:,.0f} images/s; steady "
               + (f"{steady:,.0f} images/s over {agg['steady_window_s']:.1f} s" if steady else "– (3+ epochs)")
               + (f"; peak GPU memory per process {max(mem):.2f} GiB" if mem[0] is not None else "")
-              + f"; {loads_text(agg['per_run'])} |")
+              + f"{gpu_text(agg)}; {loads_text(agg['per_run'])} |")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -7,12 +7,15 @@ Two aggregates per layout, both all runs' training images over a wall time:
     steady   over the window where every run is past its first epoch and none has ended (every run's images
              interpolated linearly between its epoch ends): what a long sweep sees, setup (imports, cuDNN's
              autotuning, the graph's capture) left out. Needs 3 epochs or more to have a window.
-Run k trains seed k; the processes start training together (each waits until all have loaded the data).
+Run k trains seed k; the processes start training together (each waits until all have loaded the data). On CUDA
+the GPU's utilization and power draw are sampled meanwhile (GpuUse) and averaged over the steady window: with the
+processes' thread loads they say whether a layout left the GPU room (busy at low power) or filled it.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import threading
 import time
 from multiprocessing import connection as mp_connection
 from typing import Any, Callable
@@ -87,15 +90,63 @@ def gang(args: argparse.Namespace, seeds: range, images: Images, device: torch.d
 
 
 def aggregates(runs: list[dict]) -> dict:
-    """The whole and steady aggregates (images/s) of runs measured by gang()."""
+    """The whole and steady aggregates (images/s) of runs measured by gang(), and the steady window (its start and
+    end, seconds since the epoch)."""
     images = sum(r["epochs"][-1][1] for r in runs)
-    whole = images / (max(r["epochs"][-1][0] for r in runs) - min(r["start"] for r in runs))
+    start, end = min(r["start"] for r in runs), max(r["epochs"][-1][0] for r in runs)
     t0, t1 = max(r["epochs"][0][0] for r in runs), min(r["epochs"][-1][0] for r in runs)
     steady = None
     if t1 > t0:
         steady = sum(_images_at(r["epochs"], t1) - _images_at(r["epochs"], t0) for r in runs) / (t1 - t0)
-    return {"aggregate_images_per_second": whole, "steady_images_per_second": steady,
-            "steady_window_s": max(0.0, t1 - t0)}
+    return {"aggregate_images_per_second": images / (end - start), "steady_images_per_second": steady,
+            "steady_window_s": max(0.0, t1 - t0), "steady_window": [t0, t1] if t1 > t0 else None}
+
+
+class GpuUse:
+    """The GPU's utilization (% of the time a kernel runs, however few multiprocessors it keeps busy) and board
+    power draw (W), read through NVML (torch.cuda.utilization, power_draw) every `every` s by a thread of this
+    process while a layout runs. Nothing is sampled without CUDA or NVML (pynvml)."""
+
+    def __init__(self, device: torch.device, every: float = 0.25):
+        self.device, self.every, self.samples = device, every, []
+        self._stop, self._thread = threading.Event(), None
+
+    def read(self) -> tuple[float, float] | None:
+        try:
+            return float(torch.cuda.utilization(self.device)), torch.cuda.power_draw(self.device) / 1000
+        except Exception:  # noqa: BLE001 — no NVML here: nothing to sample
+            return None
+
+    def __enter__(self) -> "GpuUse":
+        if self.device.type == "cuda" and self.read() is not None:
+            self._thread = threading.Thread(target=self._sample, name="gpu-use", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            if (got := self.read()) is not None:
+                self.samples.append((time.time(), *got))
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def means(self, window: list[float] | None) -> dict:
+        """Mean utilization and power over the samples inside `window` ([start, end]; None: all of them)."""
+        inside = [s for s in self.samples if window is None or window[0] <= s[0] <= window[1]]
+        n = len(inside)
+        return {"gpu_busy_percent": sum(s[1] for s in inside) / n if n else None,
+                "gpu_power_w": sum(s[2] for s in inside) / n if n else None, "gpu_samples": n}
+
+
+def gpu_text(agg: dict) -> str:
+    """'; GPU busy X % at Y W' over the layout's steady window (or its whole run), or nothing where none was read."""
+    if not agg.get("gpu_samples"):
+        return ""
+    where = "in the window" if agg.get("steady_window") else "over the run"
+    return f"; GPU busy {agg['gpu_busy_percent']:.0f} % at {agg['gpu_power_w']:.0f} W {where}"
 
 
 def loads_text(per_run: list[dict]) -> str:
@@ -121,13 +172,16 @@ def _images_at(epochs: list[tuple[float, int]], t: float) -> float:
 
 def measure(args: argparse.Namespace, processes: int, each: int, images: Images, device: torch.device,
             process: Callable | None = None) -> dict:
-    """One layout: in this process (P = 1) or P spawned processes (`process`, by default _process)."""
-    if processes == 1:
-        runs = gang(args, range(each), images, device)
-    else:
-        runs = _in_processes(args, processes, each, process or _process)
+    """One layout: in this process (P = 1) or P spawned processes (`process`, by default _process), the GPU's use
+    sampled meanwhile."""
+    with GpuUse(device) as use:
+        if processes == 1:
+            runs = gang(args, range(each), images, device)
+        else:
+            runs = _in_processes(args, processes, each, process or _process)
+    agg = aggregates(runs)
     return {"layout": f"{processes}x{each}", "processes": processes, "side_by_side": each,
-            "runs": processes * each, **aggregates(runs), "per_run": runs}
+            "runs": processes * each, **agg, **use.means(agg["steady_window"]), "per_run": runs}
 
 
 def _in_processes(args: argparse.Namespace, processes: int, each: int, process: Callable) -> list[dict]:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 import pytest
 import torch
 
 from cifar_ablation import tricks
 from cifar_ablation.bench import main
-from cifar_ablation.layouts import aggregates, loads_text, measure
+from cifar_ablation.layouts import GpuUse, aggregates, gpu_text, loads_text, measure
 
 
 def test_bench_prints_both_loops_the_ratio_and_the_aggregate_of_each_layout(imagefolder, capsys):
@@ -31,6 +32,7 @@ def test_bench_prints_both_loops_the_ratio_and_the_aggregate_of_each_layout(imag
             assert load["steps"] == 15 * (2 if r["layout"] == "1x2" else 1) and load["cpu_share"] > 0
             assert load["launch_share"] == 0
     assert out.count("each process's thread: CPU ") == 2 and "graph launches" not in out
+    assert all(r["gpu_samples"] == 0 for r in result["layouts"]) and "GPU busy" not in out  # no NVML to read
 
 
 def test_the_processes_loads_are_given_as_their_range_once_per_process():
@@ -55,6 +57,31 @@ def test_the_steady_aggregate_counts_only_the_window_where_every_run_trains():
     assert a["steady_images_per_second"] == pytest.approx((240 - 140 + 300 - 100) / 10)
     assert a["aggregate_images_per_second"] == pytest.approx(600 / 30)
     assert aggregates([{"start": 0.0, "epochs": [(5.0, 100)]}])["steady_images_per_second"] is None
+
+
+class SteadyGpu(GpuUse):
+    def read(self):  # what NVML would say of a GPU kept 80 % busy at 250 W
+        return 80.0, 250.0
+
+
+def test_the_gpus_use_is_sampled_while_a_layout_runs_and_averaged_over_its_window():
+    with SteadyGpu(torch.device("cuda"), every=0.01) as use:  # a device object only: no CUDA is touched
+        time.sleep(0.2)
+    n = len(use.samples)
+    assert n >= 3 and use.means(None) == {"gpu_busy_percent": 80.0, "gpu_power_w": 250.0, "gpu_samples": n}
+    time.sleep(0.05)
+    assert len(use.samples) == n  # the sampler stopped with the layout
+    with SteadyGpu(torch.device("cpu"), every=0.01) as use:
+        time.sleep(0.05)
+    assert use.samples == []  # no CUDA device: nothing read
+
+    use.samples = [(1.0, 10.0, 100.0), (2.0, 30.0, 300.0), (3.0, 50.0, 500.0), (9.0, 90.0, 900.0)]
+    window = aggregates([{"start": 0.0, "epochs": [(1.5, 10), (2.5, 20), (4.0, 30)]}])["steady_window"]
+    assert window == [1.5, 4.0]
+    agg = {"steady_window": window, **use.means(window)}
+    assert agg["gpu_samples"] == 2 and gpu_text(agg) == "; GPU busy 40 % at 400 W in the window"
+    assert gpu_text({"steady_window": None, **use.means(None)}) == "; GPU busy 45 % at 450 W over the run"
+    assert gpu_text({"steady_window": [5.0, 6.0], **use.means([5.0, 6.0])}) == ""  # none inside
 
 
 def _dies(args, seeds, go, conn):  # a concurrent process that fails before it reports (as on the first H100 run)

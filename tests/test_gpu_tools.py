@@ -53,8 +53,8 @@ def test_a_slimmed_wheel_installs_without_the_folder_it_left_out(tmp_path):
 def test_stacks_are_sorted_into_launches_cuda_calls_waits_and_cpu_work(tmp_path):
     """The categories, on stacks as py-spy writes them for a gang's thread on CUDA (no CUDA here to record): a wait
     is found below the innermost Python frame also where the leaf is an address py-spy could not name."""
-    graphs = "replay (/opt/torch/lib/python3.12/site-packages/torch/cuda/graphs.py:133)"
-    step = "__call__ (/repo/cifar_ablation/steps.py:127)"
+    graphs = "CUDAGraph.replay (/opt/torch/lib/python3.12/site-packages/torch/cuda/graphs.py:691)"
+    step = "GraphStep.__call__ (/repo/cifar_ablation/steps.py:127)"
     raw = tmp_path / "spy-4242.txt"
     raw.write_text(textwrap.dedent(f"""\
         thread (4242): MainThread;<module> (/repo/x.py:1);{step};{graphs};cudaGraphLaunch (libcudart.so.13) 60
@@ -68,7 +68,7 @@ def test_stacks_are_sorted_into_launches_cuda_calls_waits_and_cpu_work(tmp_path)
     table = spy_table.tables([raw], 10, "test")
     row = next(line for line in table.splitlines() if line.startswith("| 4242 |"))
     assert row == "| 4242 | 100 | 60 % | 15 % | 10 % | 15 % | 0.30 |", table
-    assert "| replay cuda/graphs.py:133 ← cudaGraphLaunch (libcudart.so.13) | 60.0 % |" in table
+    assert "| CUDAGraph.replay cuda/graphs.py:691 ← cudaGraphLaunch (libcudart.so.13) | 60.0 % |" in table
     assert "| round repo/streams.py:150 | 15.0 % |" in table
 
 
@@ -93,9 +93,25 @@ def record(tmp_path: Path, name: str, body: str) -> str:
     return spy_table.tables([raw], 2, name)
 
 
+GRAPH = """\
+import os, tempfile
+d = tempfile.mkdtemp()
+os.makedirs(d + "/cuda")
+open(d + "/cuda/__init__.py", "w").close()
+with open(d + "/cuda/graphs.py", "w") as f:  # a stand-in with torch's names: torch/cuda/graphs.py, CUDAGraph.replay
+    f.write("class CUDAGraph:\\n    def replay(self):\\n        return sum(i * i for i in range(10_000))\\n")
+sys.path.insert(0, d)
+from cuda.graphs import CUDAGraph
+g = CUDAGraph()
+while True:
+    g.replay()
+"""
+
+
 @pytest.mark.parametrize("body, main, share", [
     ("while True:\n    sum(i * i for i in range(10_000))\n", "CPU work", 80),
     ("while True:\n    time.sleep(0.5)\n", "waiting", 80),
+    (GRAPH, "graph launch", 80),  # the frame as py-spy names it, found by its name and file
 ])
 def test_a_real_recording_says_where_the_main_thread_was(tmp_path, body, main, share):
     table = record(tmp_path, main.split()[0], body)

@@ -7,7 +7,8 @@ gang processes for a few seconds once they train, and this turns the stacks into
 Per process, its main thread's samples by where they were (first match wins):
     graph launch       inside torch.cuda.CUDAGraph.replay (the driver's launch, and its wait for room in a
                        stream's full queue)
-    other CUDA calls   any other frame in the CUDA driver or runtime (a copy, a fill, an event query, a sync)
+    other CUDA calls   any other frame in torch's CUDA code, the CUDA runtime or driver (a copy, a fill, an
+                       event query, a sync)
     waiting            below the innermost Python frame, a native frame that waits: for the GIL, a lock, a
                        condition, a sleep, a poll
     CPU work           the rest: the interpreter and torch's host code
@@ -28,7 +29,8 @@ CATEGORIES = ("graph launch", "other CUDA calls", "waiting", "CPU work")
 # a Python frame: `name (path.py:line)` or `name (<frozen module>:line)`; a native one: `name (library)`, or
 # `name (source.c:line)` where the library has line tables
 PY_FRAME = re.compile(r"^(?P<name>.*) \((?P<path>[^()]*\.py|<[^()]*>):(?P<line>\d+)\)$")
-CUDA_LIB = re.compile(r"\((libcuda|libcudart|libnvidia|libcublas|libcudnn)[^()]*\)$")
+GRAPH_REPLAY = re.compile(r"^(CUDAGraph\.)?replay \([^()]*cuda/graphs\.py:\d+\)$")  # py-spy 0.4 names the class too
+CUDA_LIB = re.compile(r"\((libcuda|libcudart|libnvidia|libcublas|libcudnn|libtorch_cuda|libc10_cuda)[^()]*\)$")
 WAITS = re.compile(r"take_gil|PyEval_RestoreThread|acquire_lock|pthread_cond|futex|sem_wait|sem_timedwait|"
                    r"sem_clockwait|lll_lock_wait|nanosleep|epoll_wait|poll|select|sched_yield|syscall")
 
@@ -48,7 +50,7 @@ def parse(path: Path) -> list[tuple[str, list[str], int]]:
 
 
 def category(frames: list[str]) -> str:
-    if any(f.startswith("replay (") and "graphs.py:" in f for f in frames):
+    if any(GRAPH_REPLAY.match(f) for f in frames):
         return "graph launch"
     if any(CUDA_LIB.search(f) for f in frames):
         return "other CUDA calls"

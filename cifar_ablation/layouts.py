@@ -111,11 +111,16 @@ class GpuUse:
         self.device, self.every, self.samples = device, every, []
         self._stop, self._thread = threading.Event(), None
 
-    def read(self) -> tuple[float, float] | None:
+    def read(self) -> tuple[float, float | None] | None:
+        """(utilization %, power W or None where the board does not report it), or None without NVML."""
         try:
-            return float(torch.cuda.utilization(self.device)), torch.cuda.power_draw(self.device) / 1000
+            busy = float(torch.cuda.utilization(self.device))
         except Exception:  # noqa: BLE001 — no NVML here: nothing to sample
             return None
+        try:
+            return busy, torch.cuda.power_draw(self.device) / 1000
+        except Exception:  # noqa: BLE001 — e.g. NVML's "not supported" on some virtual GPUs
+            return busy, None
 
     def __enter__(self) -> "GpuUse":
         if self.device.type == "cuda" and self.read() is not None:
@@ -136,9 +141,9 @@ class GpuUse:
     def means(self, window: list[float] | None) -> dict:
         """Mean utilization and power over the samples inside `window` ([start, end]; None: all of them)."""
         inside = [s for s in self.samples if window is None or window[0] <= s[0] <= window[1]]
-        n = len(inside)
-        return {"gpu_busy_percent": sum(s[1] for s in inside) / n if n else None,
-                "gpu_power_w": sum(s[2] for s in inside) / n if n else None, "gpu_samples": n}
+        watts = [s[2] for s in inside if s[2] is not None]
+        return {"gpu_busy_percent": sum(s[1] for s in inside) / len(inside) if inside else None,
+                "gpu_power_w": sum(watts) / len(watts) if watts else None, "gpu_samples": len(inside)}
 
 
 def gpu_text(agg: dict) -> str:
@@ -146,7 +151,8 @@ def gpu_text(agg: dict) -> str:
     if not agg.get("gpu_samples"):
         return ""
     where = "in the window" if agg.get("steady_window") else "over the run"
-    return f"; GPU busy {agg['gpu_busy_percent']:.0f} % at {agg['gpu_power_w']:.0f} W {where}"
+    power = f" at {agg['gpu_power_w']:.0f} W" if agg.get("gpu_power_w") is not None else ""
+    return f"; GPU busy {agg['gpu_busy_percent']:.0f} %{power} {where}"
 
 
 def loads_text(per_run: list[dict]) -> str:

@@ -82,6 +82,8 @@ def test_the_gpus_use_is_sampled_while_a_layout_runs_and_averaged_over_its_windo
     assert agg["gpu_samples"] == 2 and gpu_text(agg) == "; GPU busy 40 % at 400 W in the window"
     assert gpu_text({"steady_window": None, **use.means(None)}) == "; GPU busy 45 % at 450 W over the run"
     assert gpu_text({"steady_window": [5.0, 6.0], **use.means([5.0, 6.0])}) == ""  # none inside
+    use.samples = [(1.0, 10.0, None), (2.0, 30.0, None)]  # a board that reports no power
+    assert gpu_text({"steady_window": None, **use.means(None)}) == "; GPU busy 20 % over the run"
 
 
 def _dies(args, seeds, go, conn):  # a concurrent process that fails before it reports (as on the first H100 run)

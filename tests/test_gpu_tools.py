@@ -59,9 +59,9 @@ def test_stacks_are_sorted_into_launches_cuda_calls_waits_and_cpu_work(tmp_path)
     raw.write_text(textwrap.dedent(f"""\
         thread (4242): MainThread;<module> (/repo/x.py:1);{step};{graphs};cudaGraphLaunch (libcudart.so.13) 60
         thread (4242): MainThread;<module> (/repo/x.py:1);{step};0x7f00 (libcuda.so.580.159.04) 10
-        thread (4242): MainThread;<module> (/repo/x.py:1);fill_ (/repo/y.py:9);0x7f01 (libcuda.so.1) 5
-        thread (4242): MainThread;<module> (/repo/x.py:1);round (/repo/streams.py:150);take_gil (libpython3.12.so) 10
-        thread (4242): MainThread;<module> (/repo/x.py:1);round (/repo/streams.py:150) 15
+        thread (4242): MainThread;<module> (/repo/x.py:1);GraphStep.schedule (/repo/cifar_ablation/steps.py:160);0x7f01 (libcuda.so.1) 5
+        thread (4242): MainThread;<module> (/repo/x.py:1);Gang.round (/repo/cifar_ablation/streams.py:150);take_gil (libpython3.12.so) 10
+        thread (4242): MainThread;<module> (/repo/x.py:1);Gang.round (/repo/cifar_ablation/streams.py:150) 15
         thread (4243): Thread-1 (writer);run (/usr/lib/threading.py:1);save (/repo/jobrun.py:5) 30
         thread (4243): Thread-1 (writer);run (/usr/lib/threading.py:1);PyThread_acquire_lock_timed (libpython3.12.so);0x7f02 (libc.so.6) 70
         """))
@@ -69,7 +69,7 @@ def test_stacks_are_sorted_into_launches_cuda_calls_waits_and_cpu_work(tmp_path)
     row = next(line for line in table.splitlines() if line.startswith("| 4242 |"))
     assert row == "| 4242 | 100 | 60 % | 15 % | 10 % | 15 % | 0.30 |", table
     assert "| CUDAGraph.replay cuda/graphs.py:691 ← cudaGraphLaunch (libcudart.so.13) | 60.0 % |" in table
-    assert "| round repo/streams.py:150 | 15.0 % |" in table
+    assert "| Gang.round cifar_ablation/streams.py:150 | 15.0 % |" in table
 
 
 def record(tmp_path: Path, name: str, body: str) -> str:

@@ -65,11 +65,13 @@ def test_every_step_runs_in_order_with_the_tests_beside_the_ladder(first):
 
 
 def test_py_spy_records_each_of_the_ladders_processes_while_they_train(first):
-    """Both gang processes, each main thread's samples sorted (on the CPU none in a graph launch or the CUDA driver),
-    the table in run.log after the ladder and in the summary."""
+    """Both gang processes, each main thread's samples sorted (on the CPU none in a graph launch; torch's CUDA
+    libraries may show while it is imported), the table in run.log after the ladder and in the summary."""
     section = re.split(r"---- py-spy on the ladder's processes, \d+s into it", first.log)[1].split("\n==")[0]
-    rows = re.findall(r"^\| (\d+) \| (\d+) \| 0 % \| 0 % \| \d+ % \| \d+ % \| [\d.]+ \|$", section, re.M)
-    assert len(rows) == 2 and all(int(n) >= 100 for _, n in rows), section[:3000]  # 3 s at 100 Hz, give or take
+    rows = re.findall(r"^\| \d+ \| (\d+) \| (\d+) % \| (\d+) % \| (\d+) % \| (\d+) % \| [\d.]+ \|$", section, re.M)
+    assert len(rows) == 2, section[:3000]
+    for samples, launch, *shares in rows:
+        assert int(samples) >= 100 and launch == "0" and 98 <= int(launch) + sum(map(int, shares)) <= 102, rows
     assert "| the main threads' commonest stacks, 3 s each" in section
     assert "| py-spy, the ladder's gang processes (pid) |" in first.stdout[first.stdout.index("==== summary of"):]
 

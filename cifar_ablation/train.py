@@ -175,6 +175,9 @@ def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> Steps:
     normalize, batch tricks) and one schedule step per batch, yielding after each. Returns mean loss, accuracy,
     and (with time_first_step) the seconds of the first step."""
     cfg, loader = p.cfg, p.train_loader
+    # read once, not per step: one OmegaConf lookup (cfg.train.x) took 28 us on the dev CPU, the step's own Python
+    # in a gang ~10 (experiments/slide_ladder/NOTES.md, seventh session)
+    every, on_cpu = cfg.train.progress_every_s, p.device.type == "cpu"
     t0 = last_print = time.perf_counter()
     first_step = None
     p.model.train()
@@ -182,13 +185,13 @@ def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> Steps:
     for i, idx in enumerate(loader.indices()):
         loss = p.step(idx)
         p.step.schedule()
-        if p.device.type == "cpu":  # each step's loss is at hand (no GPU to wait for): a diverged run stops at once
+        if on_cpu:  # each step's loss is at hand (no GPU to wait for): a diverged run stops at once
             check_finite(loss.item(), cfg, epoch, f", step {i + 1}/{len(loader)}")
         if i == 0 and time_first_step:
             if p.device.type == "cuda":
                 torch.cuda.synchronize()
             first_step = time.perf_counter() - t0
-        if cfg.train.progress_every_s and time.perf_counter() - last_print > cfg.train.progress_every_s:
+        if every and time.perf_counter() - last_print > every:
             last_print = time.perf_counter()
             left = (last_print - t0) / (i + 1) * (len(loader) - i - 1)
             log.info("epoch %d/%d  step %d/%d  loss %.3f  epoch ETA %s", epoch, cfg.train.epochs, i + 1,

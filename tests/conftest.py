@@ -2,6 +2,7 @@
 the real JPEG CIFAR-10 mirror, and a runner for the real CLI."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import pickle
@@ -24,6 +25,14 @@ from .services.stack import free_port  # noqa: F401  (for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+
+def load_script(rel: str):
+    """A script of the repo's (experiments/...), imported as a module by its path."""
+    spec = importlib.util.spec_from_file_location(Path(rel).stem, ROOT / rel)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 # The real CIFAR-10 as JPEG: $CIFAR_ABLATION_JPEG, else data/ in the checkout (where a GPU machine gets it),
 # else the shared folder beside the checkout (here and in CI).
 JPEG_ARCHIVE = next((p for p in (Path(os.environ.get("CIFAR_ABLATION_JPEG", "/nonexistent")),

@@ -11,6 +11,8 @@ from cifar_ablation import tricks
 from cifar_ablation.bench import main
 from cifar_ablation.layouts import GpuUse, aggregates, gpu_text, loads_text, measure
 
+from .conftest import load_script
+
 
 def test_bench_prints_both_loops_the_ratio_and_the_aggregate_of_each_layout(imagefolder, capsys):
     data = imagefolder("tar", per_class=40)
@@ -170,17 +172,17 @@ def test_bad_input_stops_the_bench_with_one_line_naming_the_key(argv, says, caps
 def test_step_ops_gives_the_wide_replay_against_the_batchs_and_says_why_a_cell_is_empty():
     """experiments/speed/step_ops.py's replay columns (its CUDA numbers come from the prepared GPU run): the wide
     batch's replay time and its ratio to the batch's; a failed capture's reason in its cell, the rest dashes."""
-    import importlib.util
-
-    from .conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("step_ops", ROOT / "experiments" / "speed" / "step_ops.py")
-    step_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_ops)
-    cells = step_ops.replay_cells
+    cells = load_script("experiments/speed/step_ops.py").replay_cells
     assert cells((0.97, 35.2, 1000.4), (1.5, 40.0, 600.0)) == " 0.970 | 35 | 1,000 | 1.500 (1.55×) |"
     assert cells((0.97, 35.2, 1000.4), None) == " 0.970 | 35 | 1,000 | – |"
     assert cells((0.97, 35.2, 1000.4), "the captured step failed: X") == " 0.970 | 35 | 1,000 | the captured step " \
                                                                           "failed: X |"
     assert cells("the captured step failed: Y", None) == " the captured step failed: Y | – | – | – |"
     assert cells("–", None) == " – | – | – | – |"  # on a CPU
+
+
+def test_loop_cost_times_the_loops_own_steps(capsys):
+    """experiments/speed/loop_cost.py: the training loop's host cost per step, its step stood in for (a number,
+    printed; NOTES.md, seventh session, has it before and after the loop stopped reading the config each step)."""
+    per_step = load_script("experiments/speed/loop_cost.py").main(["--steps", "200", "--graph"])
+    assert per_step > 0 and "200 steps: " in capsys.readouterr().out

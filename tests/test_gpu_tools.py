@@ -2,7 +2,6 @@
 py-spy's stacks of a process summed up (experiments/speed/spy_table.py), from real recordings of real processes."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -12,18 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import load_script
 
-
-def load(rel: str):
-    spec = importlib.util.spec_from_file_location(Path(rel).stem, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-slim_wheel = load("experiments/slim_wheel.py")
-spy_table = load("experiments/speed/spy_table.py")
+slim_wheel = load_script("experiments/slim_wheel.py")
+spy_table = load_script("experiments/speed/spy_table.py")
 
 
 def test_a_slimmed_wheel_installs_without_the_folder_it_left_out(tmp_path):

@@ -274,3 +274,16 @@ def test_a_diverged_run_on_a_cpu_stops_at_the_step_it_diverged(make_cfg):
     cfg = make_cfg(*SMALL, "optim.lr=1e30")
     with pytest.raises(NonFiniteLoss, match=r"^train loss is nan at epoch 1, step 2/8: lower optim.lr \(now 1e\+30\)"):
         train(cfg, random_images(), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("every, lines", [(1e-9, 16), (0, 0)])
+def test_the_progress_line_inside_an_epoch_follows_its_setting(make_cfg, caplog, every, lines):
+    """train.progress_every_s, read once per epoch (a lookup per step cost the loop ~35 us): every step past the
+    interval prints a line (here all 2 x 8), 0 none."""
+    from cifar_ablation.train import train
+
+    with caplog.at_level(logging.INFO, logger="cifar_ablation.train"):
+        train(make_cfg(*SMALL, f"train.progress_every_s={every}"), random_images(), device=torch.device("cpu"))
+    progress = [r.getMessage() for r in caplog.records if "epoch ETA" in r.getMessage()]
+    assert len(progress) == lines, progress
+    assert not progress or progress[-1].startswith("epoch 2/2  step 8/8  loss ")

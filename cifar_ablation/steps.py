@@ -49,7 +49,7 @@ class EagerStep:
     kind = "eager"
 
     def __init__(self, p: Any):
-        self.p = p
+        self.p, self.smoothing = p, float(p.cfg.train.label_smoothing)  # read once: not an OmegaConf lookup a step
         self.loss_sum = torch.zeros((), device=p.device)
         self.correct = torch.zeros((), device=p.device, dtype=torch.long)
 
@@ -64,9 +64,9 @@ class EagerStep:
         p = self.p
         with p.autocast():
             logits = p.forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=p.cfg.train.label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.smoothing)
         loss.backward()
-        tricks.add_loss_gradients(p.model, p.cfg.trick)
+        tricks.add_loss_gradients(p.model, p.tricks)
         p.opt.step()
         loss = loss.detach()  # the caller keeps it: it must not keep the autograd graph (and its streams) alive
         self.loss_sum += loss * len(y)

@@ -104,13 +104,14 @@ class Parts:
     train_loader: DeviceLoader
     val_loader: DeviceLoader
     fmt: torch.memory_format
+    tricks: dict                  # the chosen tricks' parameters as plain values (tricks.plain), for every step
+    amp: bool                     # bf16 autocast: train.amp on CUDA
     step: EagerStep | None = None  # the training step (steps.py): eager, or captured as a CUDA graph
 
     def autocast(self):
         """bf16 autocast on CUDA with train.amp; a no-op context on CPU. No weight cache: a captured graph
         must not keep casts made outside it (and each weight is cast once per step anyway)."""
-        return torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.train.amp,
-                              cache_enabled=False)
+        return torch.autocast("cuda", torch.bfloat16, enabled=self.amp, cache_enabled=False)
 
 
 def setup(cfg: Any, images: Images, device: torch.device) -> Parts:
@@ -124,13 +125,15 @@ def setup(cfg: Any, images: Images, device: torch.device) -> Parts:
     model = build(cfg, images).to(device, memory_format=fmt)
     mean, std = images.channel_stats()
     train_x, train_y, test_x, test_y = images.on(device)
+    params = tricks.plain(cfg.trick)  # read every step (the batch and loss tricks): plain values, not OmegaConf's
     train_loader = DeviceLoader(train_x, train_y, mean, std, cfg.train.batch_size, device,
-                                train=True, gen=gen, augment=lambda x: tricks.augment(x, cfg.trick, gen))
+                                train=True, gen=gen, augment=lambda x: tricks.augment(x, params, gen))
     val_loader = DeviceLoader(test_x, test_y, mean, std, cfg.train.eval_batch_size, device)
     capture = captures(cfg, device)  # a captured step needs a capturable optimizer with a tensor lr
     opt, sched = make_optimizer(model, cfg.optim, cfg.train.epochs * len(train_loader), graph=capture)
     forward = torch.compile(model) if cfg.train.compile else model
-    p = Parts(cfg, device, model, forward, opt, sched, gen, train_loader, val_loader, fmt)
+    p = Parts(cfg, device, model, forward, opt, sched, gen, train_loader, val_loader, fmt, params,
+              amp=device.type == "cuda" and bool(cfg.train.amp))
     p.step = make_step(p, capture)
     return p
 

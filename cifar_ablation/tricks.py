@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from .checks import Check, interval, number, one_of
 from .model import Arch, kernels
@@ -56,6 +58,13 @@ def trick(stage: str, **checks: Check) -> Callable:
 def _chosen(tricks_cfg: Any, stage: str) -> list[tuple[Trick, Any]]:
     names = BATCH_ORDER if stage == "batch" else TRICKS
     return [(TRICKS[name], tricks_cfg[name]) for name in names if TRICKS[name].stage == stage and name in tricks_cfg]
+
+
+def plain(tricks_cfg: Any) -> dict[str, SimpleNamespace]:
+    """The chosen tricks' parameters as plain Python values (`params.p`, `params.scale[0]`), for the hooks that run
+    every step (batch, loss): read through OmegaConf, each lookup of a parameter cost ~28 us on the dev CPU."""
+    return {name: SimpleNamespace(**OmegaConf.to_container(params, resolve=True))
+            for name, params in tricks_cfg.items()}
 
 
 def edit_arch(arch: Arch, tricks_cfg: Any) -> Arch:

@@ -173,3 +173,15 @@ def test_augment_applies_only_chosen_batch_tricks(make_cfg):
     x = batch(64)
     assert torch.equal(tricks.augment(x, make_cfg("trick=[batchnorm,l1l2]").trick, gen()), x)
     assert not torch.equal(tricks.augment(x, make_cfg("trick=[noise]").trick, gen()), x)
+
+
+@pytest.mark.parametrize("mode", ["resize", "translate"])
+def test_the_plain_parameters_augment_as_the_config_does(make_cfg, mode):
+    """tricks.plain (what a run's every step reads) holds each chosen trick's parameters as the config does, and
+    the batch they make is the config's, draw for draw."""
+    cfg = make_cfg("trick=[noise,flip,crop,l1l2,batchnorm]", f"trick.crop.mode={mode}").trick
+    params = tricks.plain(cfg)
+    assert sorted(params) == sorted(cfg) and params["crop"].scale == list(cfg.crop.scale)
+    assert vars(params["crop"]) == OmegaConf.to_container(cfg.crop) and type(params["crop"].ratio) is list
+    x = batch(64)
+    assert torch.equal(tricks.augment(x, params, gen()), tricks.augment(x, cfg, gen()))

@@ -5,7 +5,9 @@ epoch's end (which would wait for the GPU) is never reached.
 
     python experiments/speed/loop_cost.py [--steps 4000] [--graph]
 
---graph: the schedule with a tensor learning rate, as a captured step has it (else a float).
+--graph: the schedule with a tensor learning rate, as a captured step has it (else a float). It also times the
+batch tricks of the ladder's top rung on 2 images (an eager step makes its batch so, from Python), with their
+parameters as plain values (tricks.plain, what a run reads) and, for comparison, through the config.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from cifar_ablation import tricks  # noqa: E402
 from cifar_ablation.checks import CONF_DIR  # noqa: E402
 from cifar_ablation.data import Images  # noqa: E402
 from cifar_ablation.train import make_optimizer, setup, train_epoch  # noqa: E402
@@ -64,6 +67,17 @@ def main(argv: list[str] | None = None) -> float:
     per_step = (time.perf_counter() - t) / args.steps
     print(f"{args.steps} steps: {per_step * 1e6:.1f} us a step (the loop, the indices, the schedule with a "
           f"{'tensor' if args.graph else 'float'} learning rate; torch {torch.__version__})")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        top = compose(config_name="config", overrides=[f"trick=[{','.join(cfg.ablation.order)}]"]).trick
+    x, gen = torch.zeros(2, 3, 32, 32), torch.Generator().manual_seed(0)
+    for label, params in (("as plain values", tricks.plain(top)), ("read through the config", top)):
+        for _ in range(20):
+            tricks.augment(x, params, gen)
+        t = time.perf_counter()
+        for _ in range(args.steps // 4):
+            tricks.augment(x, params, gen)
+        print(f"the top rung's batch tricks on 2 images, parameters {label}: "
+              f"{(time.perf_counter() - t) / (args.steps // 4) * 1e6:.0f} us")
     return per_step
 
 

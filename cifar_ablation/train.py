@@ -178,8 +178,8 @@ def train_epoch(p: Parts, epoch: int, time_first_step: bool = False) -> Steps:
     normalize, batch tricks) and one schedule step per batch, yielding after each. Returns mean loss, accuracy,
     and (with time_first_step) the seconds of the first step."""
     cfg, loader = p.cfg, p.train_loader
-    # read once, not per step: one OmegaConf lookup (cfg.train.x) took 28 us on the dev CPU, the step's own Python
-    # in a gang ~10 (experiments/slide_ladder/NOTES.md, seventh session)
+    # read once, not per step: one OmegaConf lookup (cfg.train.x) took 28 us on the dev CPU, the loop's whole step
+    # 5-7 us without it (experiments/speed/loop_cost.py; NOTES.md, seventh session)
     every, on_cpu = cfg.train.progress_every_s, p.device.type == "cpu"
     t0 = last_print = time.perf_counter()
     first_step = None

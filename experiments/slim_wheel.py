@@ -36,6 +36,8 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise SystemExit(__doc__.strip().splitlines()[-1].strip())
     wheel, folders = Path(argv[0]), tuple(argv[1:])
+    if not wheel.is_file():
+        raise SystemExit(f"slim_wheel: {wheel}: no such wheel")
     before = wheel.stat().st_size
     n = slim(wheel, folders)
     print(f"{wheel.name}: {n} members under {', '.join(folders)} left out, {before / 1e6:.1f} -> "

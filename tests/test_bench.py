@@ -184,5 +184,9 @@ def test_step_ops_gives_the_wide_replay_against_the_batchs_and_says_why_a_cell_i
 def test_loop_cost_times_the_loops_own_steps(capsys):
     """experiments/speed/loop_cost.py: the training loop's host cost per step, its step stood in for (a number,
     printed; NOTES.md, seventh session, has it before and after the loop stopped reading the config each step)."""
-    per_step = load_script("experiments/speed/loop_cost.py").main(["--steps", "200", "--graph"])
+    loop_cost = load_script("experiments/speed/loop_cost.py")
+    per_step = loop_cost.main(["--steps", "200", "--graph"])
     assert per_step > 0 and "200 steps: " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        loop_cost.main(["--steps", "2"])
+    assert "--steps=2: 4 or more" in capsys.readouterr().err

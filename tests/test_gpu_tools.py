@@ -39,6 +39,8 @@ def test_a_slimmed_wheel_installs_without_the_folder_it_left_out(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
                     str(wheel)], check=True)
     assert (site / "demo" / "server" / "api.py").exists() and not (site / "demo" / "server" / "js").exists()
+    with pytest.raises(SystemExit, match="no such wheel"):
+        slim_wheel.main([str(tmp_path / "absent-1.0-py3-none-any.whl"), "demo/server/js/"])
 
 
 def test_stacks_are_sorted_into_launches_cuda_calls_waits_and_cpu_work(tmp_path):

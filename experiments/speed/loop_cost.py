@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--graph", action="store_true", help="a tensor learning rate, as a captured step's schedule")
     args = ap.parse_args(argv)
+    if args.steps < 4:
+        ap.error(f"--steps={args.steps}: 4 or more (a quarter of them time the batch tricks)")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiment=slide_ladder", "trick=[batchnorm]", "device=cpu",
                                                        "train.batch_size=8", "train.cuda_graph=false"])

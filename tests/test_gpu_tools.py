@@ -65,6 +65,12 @@ def test_stacks_are_sorted_into_launches_cuda_calls_waits_and_cpu_work(tmp_path)
     assert "| Gang.round cifar_ablation/streams.py:150 | 15.0 % |" in table
 
 
+def test_a_missing_recording_is_refused_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        spy_table.main([str(tmp_path / "spy-1.txt")])
+    assert "no such py-spy raw file: " in capsys.readouterr().err
+
+
 def record(tmp_path: Path, name: str, body: str) -> str:
     """py-spy's table of a real Python process running `body` in its main thread while a second thread sleeps."""
     script = tmp_path / f"{name}.py"

@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, help="how long each was recorded (for the caption)")
     ap.add_argument("--label", default="the ladder's gang processes", help="what was recorded")
     args = ap.parse_args(argv)
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        ap.error(f"no such py-spy raw file: {', '.join(missing)}")
     print(tables(sorted(args.files), args.seconds, args.label))
 
 

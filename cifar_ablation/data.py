@@ -253,6 +253,20 @@ def _first(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tenso
 
 # --- device batches --------------------------------------------------------------------------------------
 
+class Normalize(torch.nn.Module):
+    """uint8 images to what the net takes: x * scale - shift per channel, scale = 1 / (255 std) and shift =
+    mean / std with the training split's mean and std ([0, 1] units). The loader's normalization, and the first
+    layer of the model a run logs (logged_model.py), so that both compute the same numbers."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", (1 / (255 * std)).view(1, -1, 1, 1))
+        self.register_buffer("shift", (mean / std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.scale - self.shift
+
+
 class DeviceLoader:
     """One split held whole on the device as uint8. Each epoch: one permutation (training) or none
     (evaluation); each batch: gather, normalize with the training set's mean/std, then `augment`
@@ -265,8 +279,7 @@ class DeviceLoader:
                  device: torch.device, *, train: bool = False, gen: torch.Generator | None = None,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.x, self.y = x.to(device), y.to(device)
-        self.scale = (1 / (255 * std)).to(device).view(1, -1, 1, 1)
-        self.shift = (mean / std).to(device).view(1, -1, 1, 1)
+        self.normalize = Normalize(mean, std).to(device)
         self.batch_size, self.train, self.gen, self.augment = min(batch_size, len(y)), train, gen, augment
 
     def __len__(self) -> int:
@@ -282,7 +295,7 @@ class DeviceLoader:
 
     def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalized (and, training, augmented) images at idx, and their labels."""
-        x = self.x[idx].float() * self.scale - self.shift
+        x = self.normalize.forward(self.x[idx])  # forward(): no module-call overhead in each eager step
         if self.augment is not None:
             x = self.augment(x)
         return x, self.y[idx]

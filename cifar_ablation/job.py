@@ -47,8 +47,9 @@ def job_steps(cfg: DictConfig):
     from .config import apply_trick_params, validate
     from .data import load_images
     from .jobrun import SKIP, claim, job_run, join_sweep
+    from .logged_model import log_or_warn
     from .tracking import open_experiment
-    from .train import pick_device, training
+    from .train import build, pick_device, training
 
     apply_trick_params(cfg)  # ablation.params into the chosen tricks
     validate(cfg)  # bad values fail here, before any data is read or run opened
@@ -66,11 +67,22 @@ def job_steps(cfg: DictConfig):
         device = pick_device(cfg.device, job_num or 0)
         run.set_tags({"data_source": images.source, "data_checksum": images.checksum, "device": device,
                       "train_images": len(images.train_y), "val_images": len(images.test_y)})
+        start, last = run.start_state(), {}
+
+        def on_epoch(epoch: int, metrics: dict, state_fn) -> None:
+            run.end_epoch(epoch, metrics, state_fn)
+            last["weights"] = lambda: state_fn()["model"]  # the net as this epoch left it
+
         try:
-            metrics = yield from training(cfg, images, run.end_epoch, run.start_state(), device)
+            metrics = yield from training(cfg, images, on_epoch, start, device)
         except torch.cuda.OutOfMemoryError as e:
             raise MemoryError(f"CUDA out of memory on {device}: lower train.batch_size (now {cfg.train.batch_size}) "
                               f"or train.eval_batch_size (now {cfg.train.eval_batch_size}), run fewer jobs per GPU "
                               "(jobs_per_device, with hydra/launcher=parallel or streams), or keep train.amp=true. "
                               + str(e).split("\n")[0]) from e
+        if cfg.mlflow.log_model:  # every epoch trained (a relaunch after the last one trains none: its checkpoint)
+            net = build(cfg, images)
+            net.load_state_dict(last["weights"]() if last else start["model"])
+            run.flush()  # the last epoch's metrics, which the model takes over
+            log_or_warn(run, cfg.mlflow.tracking_uri, exp_id, net, images, cfg.train.epochs)
     return metrics["val_acc"]

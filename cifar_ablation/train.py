@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from . import tricks
+from .checks import ConfigError
 from .data import DeviceLoader, Images
 from .model import Arch, build_model, count_parameters
 from .steps import EagerStep, captures, fused_adam_captures, make_step
@@ -86,6 +87,12 @@ def eta(seconds: float) -> str:
 
 
 def build(cfg: Any, images: Images) -> torch.nn.Module:
+    """The net the config and its tricks describe, for these images (their size; as many outputs as classes)."""
+    k = len(images.classes)
+    if k > cfg.model.num_classes:  # the loss would fail at the first label past the outputs, mid-epoch
+        raise ConfigError("model.num_classes", cfg.model.num_classes,
+                          f"at least {k}: the data has {k} classes ({', '.join(images.classes[:10])}"
+                          f"{', ...' if k > 10 else ''})")
     arch = Arch(**OmegaConf.to_container(cfg.model), image_size=images.train_x.shape[-1])
     return build_model(tricks.edit_arch(arch, cfg.trick))
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from cifar_ablation.data import DataError, DeviceLoader, load_images, stratified_subset
 
-from .conftest import CLASSES
+from .conftest import CLASSES, TINY, run_cli, runs_in
 
 
 def data_cfg(tmp_path, **kw):
@@ -129,3 +129,18 @@ def test_device_loader_normalizes_with_training_stats_and_reshuffles(tmp_path, i
     assert first != second  # a new permutation each epoch
     val = DeviceLoader(images.test_x, images.test_y, mean, std, 7, torch.device("cpu"))
     assert torch.equal(torch.cat([y for _, y in val]), images.test_y)  # every image, in order, once
+
+
+def test_more_classes_than_the_net_has_outputs_fails_before_training_naming_the_key(tmp_path, imagefolder, tracking_db):
+    """Three classes, model.num_classes=2: the run fails at once saying what to set (it failed mid-epoch with
+    torch's "Target 2 is out of bounds"); fewer classes than outputs train (unused outputs)."""
+    res = run_cli([*TINY, "data=imagefolder", f"data.path={imagefolder('dir', per_class=10)}",
+                   f"data.cache_dir={tmp_path}/cache", "model.num_classes=2", f"mlflow.tracking_uri=sqlite:///{tracking_db}",
+                   "mlflow.experiment=classes"], tmp_path)
+    assert res.returncode != 0
+    message = ("model.num_classes=2 is not allowed; model.num_classes must be at least 3: the data has 3 classes "
+               "(cat, dog, frog)")
+    assert f"error: invalid config: {message}" in res.stderr, res.stderr[-2000:]
+    _, (run,) = runs_in(tracking_db, "classes")
+    assert run.info.status == "FAILED" and message in run.data.tags["failure_reason"]
+    assert "train_loss" not in run.data.metrics

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import pytest
 import torch
 
+from cifar_ablation.logged_model import fluent_store
 from cifar_ablation.report import main as report_main
 from cifar_ablation.tracking import JOB, ROLE, SWEEP
 
@@ -75,6 +77,13 @@ def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data,
     resumed = client.get_run(killed)
     for key in ("val_acc", "val_loss", "train_acc", "train_loss"):
         assert resumed.data.metrics[key] == reference.data.metrics[key], key  # exact, on CPU
+    # each logged the net it trained as its one model (mlflow.log_model is on by default): the same net
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    with fluent_store(f"sqlite:///{db}"):
+        nets = [mlflow.pytorch.load_model(f"runs:/{r.info.run_id}/model") for r in (resumed, reference)]
+    assert [len(client.search_logged_models([r.info.experiment_id])) for r in (resumed, reference)] == [1, 1]
+    with torch.no_grad():
+        assert torch.equal(nets[0](x), nets[1](x))
 
 
 def test_sigterm_and_sigint_leave_the_run_killed(tmp_path, slow_data, tracking_db):

@@ -8,8 +8,11 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 
+from cifar_ablation.logged_model import fluent_store
 from cifar_ablation.report import main as report_main
 from cifar_ablation.tracking import JOB, REPORT, ROLE, SWEEP
 
@@ -73,8 +76,8 @@ def api(url: str, path: str, body: dict | None = None) -> dict:
 
 def test_jobs_and_report_through_a_real_tracking_server(tmp_path, imagefolder, mlflow_server):
     url = mlflow_server
-    res = run_cli(["-m", "trick=[],[noise]", *tiny_args(tmp_path, imagefolder("tar", per_class=80), url, "served")],
-                  tmp_path, env=ONE_THREAD)
+    res = run_cli(["-m", "trick=[],[noise]", *tiny_args(tmp_path, imagefolder("tar", per_class=80), url, "served"),
+                   "mlflow.log_model=true"], tmp_path, env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
     assert report_main(["--tracking-uri", url, "--experiment", "served", "--out", str(tmp_path / "rep")]) == 0
 
@@ -95,6 +98,11 @@ def test_jobs_and_report_through_a_real_tracking_server(tmp_path, imagefolder, m
     assert {"report/ladder.md", "report/ladder_accuracy.png", "report/ladder_val_curves.png"} <= {f["path"] for f in listed}
     # the artifacts really went through the server's proxy into its destination folder
     assert list((tmp_path / "artifacts").rglob("ladder_accuracy.png"))
+    # so did each run's trained model, which loads back through the server
+    assert len(list((tmp_path / "artifacts").rglob("model.pt2"))) == 2
+    with fluent_store(url):
+        net = mlflow.pytorch.load_model(f"runs:/{by_role[JOB][0][0]['info']['run_id']}/model")
+    assert net(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)  # model.num_classes
 
 
 @pytest.mark.slow

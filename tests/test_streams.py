@@ -9,6 +9,7 @@ import shutil
 import signal
 
 import pytest
+from mlflow.entities import LoggedModelStatus
 
 from cifar_ablation.tracking import JOB, ROLE, SWEEP
 
@@ -69,6 +70,9 @@ def test_runs_side_by_side_give_what_they_give_alone_and_fail_alone(tmp_path, sl
     together = {r.data.tags["tricks"]: r for r in runs
                 if r.data.tags[ROLE] == JOB and r.data.params["optim.lr"] == "0.001"}
     assert {tricks: curves(client, r) for tricks, r in together.items()} == alone  # exact, every epoch
+    models = client.search_logged_models([sweep.info.experiment_id])  # each finished run's own trained net
+    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in together.values())
+    assert all(m.status == LoggedModelStatus.READY for m in models)
 
     for num in range(4):  # each job's own log file holds its own lines, tagged with its number
         epochs = [line for line in (tmp_path / "together" / str(num) / "__main__.log").read_text().splitlines()

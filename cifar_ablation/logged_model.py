@@ -1,0 +1,106 @@
+"""What a run trained, logged to MLflow as a model (mlflow.log_model, on by default): one per FINISHED run.
+
+MLflow 3 keeps a model as a LoggedModel of the run's experiment (its Models tab: each model with the run's final
+metrics and params), linked to the run that made it. Ours, named "model", is the net as the last epoch left it
+behind the training loader's normalization (data.Normalize), on the CPU in eval mode, saved in MLflow's default
+format for PyTorch (torch.export's pt2: no pickled code; torch alone loads it):
+
+    net = mlflow.pytorch.load_model("runs:/<run id>/model")    # or "models:/<model id>"
+    logits = net(images)                                        # uint8 (N, 3, 32, 32) -> float32 (N, 10)
+    mlflow.pyfunc.load_model("runs:/<run id>/model").predict(images.numpy())
+
+Its signature says so, its input example is two validation images, and its metadata names the classes in the
+order of the outputs and the data it was trained on. On the CPU it gives the run's own logits, bit for bit
+(tested). A run has one model at most: a relaunch after a kill while it was being logged replaces the unfinished
+one. A model that cannot be logged leaves the run FINISHED (its metrics stand) with a `model_error` tag and a
+warning saying why.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from mlflow.entities import LoggedModelStatus
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from .data import Images, Normalize
+
+log = logging.getLogger(__name__)
+NAME = "model"  # the logged model's name: runs:/<run id>/model
+
+
+def for_inference(net: nn.Module, images: Images) -> nn.Sequential:
+    """uint8 images in, logits out, as the run computed them: its normalization, then the net; CPU, eval mode."""
+    mean, std = images.channel_stats()
+    return nn.Sequential(Normalize(mean, std), net).to("cpu", memory_format=torch.contiguous_format).eval()
+
+
+@contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow logs a model through its fluent API, which reads the process's tracking URI: this run's store while
+    it does (everything else here names its store through an MlflowClient)."""
+    import mlflow
+    try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    except ImportError:  # a release without it: set for the process (each model logged sets it again)
+        mlflow.set_tracking_uri(uri)
+        yield
+        return
+    with _use_tracking_uri(uri):
+        yield
+
+
+def earlier_model(client: MlflowClient, exp_id: str, run_id: str) -> str | None:
+    """The model this run logged already (a kill came after it and before the run closed), or None; a model
+    left unfinished by a kill while it was logged is deleted."""
+    for m in client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}' AND name = '{NAME}'"):
+        if m.status == LoggedModelStatus.READY:
+            return m.model_id
+        client.delete_logged_model(m.model_id)
+    return None
+
+
+def log_trained_model(client: MlflowClient, uri: str, exp_id: str, run_id: str, net: nn.Module, images: Images,
+                      step: int) -> str:
+    """Log `net` (the run's trained weights) as the run's model; the run's metrics at `step` (its last epoch)
+    become the model's. Returns the model id."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    earlier = earlier_model(client, exp_id, run_id)
+    if earlier is not None:
+        return earlier
+    model = for_inference(net, images)
+    x = images.test_x[:2]  # two: the exported model keeps the batch size free only with an example of more than one
+    with torch.no_grad():
+        out = model(x)
+    signature = ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, *x.shape[1:]))]),
+                               Schema([TensorSpec(np.dtype(np.float32), (-1, out.shape[1]))]))
+    run = client.get_run(run_id)
+    keep = ("tricks", "seed", "rung", "trick_added", "config_hash", "git_commit", "data_source", "data_checksum")
+    made = client.create_logged_model(exp_id, name=NAME, source_run_id=run_id, params=run.data.params,
+                                      tags={k: v for k, v in run.data.tags.items() if k in keep})
+    with fluent_store(uri):
+        mlflow.pytorch.log_model(
+            model, name=NAME, model_id=made.model_id, run_id=run_id, step=step, signature=signature,
+            input_example=x.numpy(), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            metadata={"classes": list(images.classes), "input": "uint8 images (N, C, H, W), unnormalized",
+                      "data_source": images.source, "data_checksum": images.checksum})
+    return made.model_id
+
+
+def log_or_warn(run: Any, uri: str, exp_id: str, net: nn.Module, images: Images, step: int) -> None:
+    """log_trained_model for a JobRun; a failure is a warning and the run's model_error tag, not the run's end."""
+    try:
+        model_id = log_trained_model(run.client, uri, exp_id, run.run_id, net, images, step)
+    except Exception as e:  # noqa: BLE001 — the run trained and its metrics are logged: it stays FINISHED
+        log.warning("the trained model was not logged (the run's metrics were): %s: %s", type(e).__name__, e)
+        run.set_tags({"model_error": f"{type(e).__name__}: {e}"[:5000]})
+        return
+    log.info("trained model logged: runs:/%s/%s (models:/%s)", run.run_id, NAME, model_id)

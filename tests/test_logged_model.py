@@ -83,10 +83,9 @@ def test_every_trick_exports_and_loads_with_the_same_logits(tmp_path, imagefolde
     images = load_images(OmegaConf.create(dict(name="imagefolder", path=str(imagefolder("dir", per_class=4)),
                                                cache_dir=str(tmp_path / "cache"), subset=None, val_subset=None)))
     x = images.test_x
-    for i, arch in enumerate([Arch(widths=[8, 16]),
+    for i, arch in enumerate([Arch(widths=[8, 16]),  # the CLI test above: the other trick layers, as input norm
                               Arch(widths=[8, 16], batchnorm=True, conv_dropout=0.2, dense_dropout=0.3,
-                                   instancenorm="blocks"),
-                              Arch(widths=[16, 32], dense=64, batchnorm=True, instancenorm="input")]):
+                                   instancenorm="blocks")]):
         model = for_inference(build_model(arch).train(), images)
         for mod in model.modules():  # running statistics away from their start, as training leaves them
             if isinstance(mod, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):

@@ -256,7 +256,7 @@ def _first(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tenso
 class Normalize(torch.nn.Module):
     """uint8 images to what the net takes: x * scale - shift per channel, scale = 1 / (255 std) and shift =
     mean / std with the training split's mean and std ([0, 1] units). The loader's normalization, and the first
-    layer of the model a run logs (logged_model.py), so that both compute the same numbers."""
+    layer of the model a run logs (lineage.py), so that both compute the same numbers."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()

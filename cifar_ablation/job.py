@@ -47,7 +47,7 @@ def job_steps(cfg: DictConfig):
     from .config import apply_trick_params, validate
     from .data import load_images
     from .jobrun import SKIP, claim, job_run, join_sweep
-    from .logged_model import log_or_warn
+    from .lineage import log_datasets, log_or_warn
     from .tracking import open_experiment
     from .train import build, pick_device, training
 
@@ -67,6 +67,7 @@ def job_steps(cfg: DictConfig):
         device = pick_device(cfg.device, job_num or 0)
         run.set_tags({"data_source": images.source, "data_checksum": images.checksum, "device": device,
                       "train_images": len(images.train_y), "val_images": len(images.test_y)})
+        log_datasets(client, run.run_id, images)
         start, last = run.start_state(), {}
 
         def on_epoch(epoch: int, metrics: dict, state_fn) -> None:

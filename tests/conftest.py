@@ -40,7 +40,7 @@ JPEG_ARCHIVE = next((p for p in (Path(os.environ.get("CIFAR_ABLATION_JPEG", "/no
                     ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 CLASSES = ["cat", "dog", "frog"]
 # Small and fast for every CLI job: a two-block net on 200 training and 60 validation images. No model logged
-# (torch.export and its import take 1-3 s a process): tests/test_logged_model.py, the fault tests' resume and the
+# (torch.export and its import take 1-3 s a process): tests/test_lineage.py, the fault tests' resume and the
 # GPU script's rehearsal log theirs.
 TINY = ["model.widths=[8,16]", "model.dense=32", "train.batch_size=50", "train.eval_batch_size=100",
         "train.epochs=2", "device=cpu", "data.subset=200", "data.val_subset=60", "mlflow.log_model=false"]

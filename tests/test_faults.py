@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import torch
 
-from cifar_ablation.logged_model import fluent_store
+from cifar_ablation.lineage import fluent_store
 from cifar_ablation.report import main as report_main
 from cifar_ablation.tracking import JOB, ROLE, SWEEP
 
@@ -82,6 +82,7 @@ def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data,
     with fluent_store(f"sqlite:///{db}"):
         nets = [mlflow.pytorch.load_model(f"runs:/{r.info.run_id}/model") for r in (resumed, reference)]
     assert [len(client.search_logged_models([r.info.experiment_id])) for r in (resumed, reference)] == [1, 1]
+    assert len(resumed.inputs.dataset_inputs) == 2  # its datasets, logged by both launches, kept once
     with torch.no_grad():
         assert torch.equal(nets[0](x), nets[1](x))
 

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import torch
 
-from cifar_ablation.logged_model import fluent_store
+from cifar_ablation.lineage import fluent_store
 from cifar_ablation.report import main as report_main
 from cifar_ablation.tracking import JOB, REPORT, ROLE, SWEEP
 

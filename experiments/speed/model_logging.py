@@ -1,4 +1,4 @@
-"""What logging a run's trained net as an MLflow model costs (cifar_ablation/logged_model.py): the slide's net with
+"""What logging a run's trained net as an MLflow model costs (cifar_ablation/lineage.py): the slide's net with
 every trick's layers, then the capacity rung's widths, each twice in one process (the first pays torch.export's
 import), into a fresh sqlite store; seconds and megabytes of each.
 
@@ -15,7 +15,7 @@ import mlflow
 from omegaconf import OmegaConf
 
 from cifar_ablation.data import load_images
-from cifar_ablation.logged_model import log_trained_model
+from cifar_ablation.lineage import log_trained_model
 from cifar_ablation.model import Arch, build_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,6 @@
-"""Each finished run's trained net as an MLflow model: logged by the real CLI, loaded back the ways MLflow offers,
-giving the run's own numbers; one model per run whatever interrupts it; a model that cannot be logged."""
+"""A run's inputs and outputs in MLflow: the splits it read as its datasets; its trained net as an MLflow model,
+logged by the real CLI, loaded back the ways MLflow offers, giving the run's own numbers; one model per run
+whatever interrupts it; a model that cannot be logged."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from cifar_ablation.data import load_images
-from cifar_ablation.logged_model import NAME, fluent_store, for_inference, log_trained_model
+from cifar_ablation.lineage import CIFAR10_URL, NAME, datasets, fluent_store, for_inference, log_trained_model
 from cifar_ablation.model import Arch, build_model
 from cifar_ablation.train import build
 
@@ -60,6 +61,13 @@ def test_a_finished_run_logs_its_trained_net_as_a_model_that_gives_its_numbers(t
     assert {x.key: x.value for x in m.metrics if x.step == 2}["val_acc"] == run.data.metrics["val_acc"]
     assert m.params == run.data.params
     assert m.tags["tricks"] == "batchnorm,dropout,flip,crop,instancenorm" and m.tags["seed"] == "0"
+    # its inputs: the two splits it read, each with its context, source, size and a digest of what it held
+    inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert sorted(inputs) == ["training", "validation"]
+    assert inputs["training"].name == "images.tar/train" and inputs["validation"].name == "images.tar/test"
+    assert all(d.source_type == "local" and str(data) in d.source for d in inputs.values())
+    assert '"features_shape": [120, 3, 32, 32]' in inputs["training"].profile  # 40 a class, 3 classes
+    assert '"features_shape": [60, 3, 32, 32]' in inputs["validation"].profile
 
     expected, labels, images = logits_as_the_run_computes_them(client, run, tmp_path)
     with fluent_store(f"sqlite:///{tracking_db}"):
@@ -131,3 +139,19 @@ def test_a_model_that_cannot_be_logged_leaves_the_run_finished_saying_why(tmp_pa
     assert run.info.status == "FINISHED" and "val_acc" in run.data.metrics
     assert run.data.tags["model_error"].split(":")[0] in {"NotADirectoryError", "FileExistsError", "MlflowException"}
     assert [m.status for m in models_of(client, run)] == [LoggedModelStatus.FAILED]
+
+
+def test_a_splits_dataset_record_says_what_it_held(tmp_path, imagefolder, cifar10_root):
+    """The digest follows the source's bytes, the split and the subset; torchvision's CIFAR-10 names its URL."""
+    def read(**data):
+        return load_images(OmegaConf.create({"subset": None, "val_subset": None, "cache_dir": str(tmp_path / "c"),
+                                             **data}))
+    folder = imagefolder("dir", per_class=6)
+    whole, subset = read(name="imagefolder", path=str(folder)), read(name="imagefolder", path=str(folder), subset=9)
+    (train, ctx), (test, _) = datasets(whole)
+    assert ctx == "training" and train.digest != test.digest
+    assert datasets(subset)[0][0].digest != train.digest and datasets(subset)[1][0].digest == test.digest
+    assert datasets(read(name="imagefolder", path=str(folder)))[0][0].digest == train.digest  # read again: same
+    cifar = read(name="cifar10", root=str(cifar10_root), download=False)
+    (train, _), _ = datasets(cifar)
+    assert (train.name, train.source.url) == ("CIFAR-10/train", CIFAR10_URL)

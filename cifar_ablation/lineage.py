@@ -1,9 +1,17 @@
-"""What a run trained, logged to MLflow as a model (mlflow.log_model, on by default): one per FINISHED run.
+"""A run's inputs and outputs as MLflow records them: the datasets it trained and validated on, and the model it
+trained. Both show in MLflow's UI (the runs table's Datasets and Models columns, the experiment's Models tab).
 
-MLflow 3 keeps a model as a LoggedModel of the run's experiment (its Models tab: each model with the run's final
-metrics and params), linked to the run that made it. Ours, named "model", is the net as the last epoch left it
-behind the training loader's normalization (data.Normalize), on the CPU in eval mode, saved in MLflow's default
-format for PyTorch (torch.export's pt2: no pickled code; torch alone loads it):
+Datasets: each split a run reads, logged as the run's input (MLflow's dataset tracking) with its context
+(`training`, `validation`), a digest of what it holds (the source's sha256, the split, the subset taken), its
+source (the archive or folder read, or torchvision's CIFAR-10 URL), schema and shape. Runs on the JPEG mirror
+and runs on the original CIFAR-10 are then told apart at a glance, as are subsets: compare numbers only where the
+digests agree. A relaunch logs the same inputs again, which MLflow keeps once.
+
+The model (mlflow.log_model, on by default): one per FINISHED run. MLflow 3 keeps a model as a LoggedModel of
+the run's experiment (its Models tab: each model with the run's final metrics and params), linked to the run that
+made it. Ours, named "model", is the net as the last epoch left it behind the training loader's normalization
+(data.Normalize), on the CPU in eval mode, saved in MLflow's default format for PyTorch (torch.export's pt2: no
+pickled code; torch alone loads it):
 
     net = mlflow.pytorch.load_model("runs:/<run id>/model")    # or "models:/<model id>"
     logits = net(images)                                        # uint8 (N, 3, 32, 32) -> float32 (N, 10)
@@ -17,6 +25,7 @@ warning saying why.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -31,6 +40,37 @@ from .data import Images, Normalize
 
 log = logging.getLogger(__name__)
 NAME = "model"  # the logged model's name: runs:/<run id>/model
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torchvision.datasets.CIFAR10.url
+CONTEXTS = {"train": "training", "test": "validation"}  # the split: its context in the run's inputs
+
+
+def datasets(images: Images) -> list[Any]:
+    """Each split of `images` as an MLflow dataset (a record of it, not its data): name, digest, source, schema
+    and shape; [(dataset, context)]."""
+    import mlflow.data
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    cifar10 = images.source.startswith("cifar10:")
+    source = HTTPDatasetSource(CIFAR10_URL) if cifar10 else LocalArtifactDatasetSource(images.source)
+    base = "CIFAR-10" if cifar10 else images.source.rstrip("/").rsplit("/", 1)[-1]
+    out = []
+    for split, context in CONTEXTS.items():
+        x, y = getattr(images, f"{split}_x"), getattr(images, f"{split}_y")
+        digest = hashlib.sha256(f"{images.checksum} {split} {len(y)}".encode()).hexdigest()[:10]
+        out.append((mlflow.data.from_numpy(x.numpy(), targets=y.numpy(), source=source, name=f"{base}/{split}",
+                                           digest=digest), context))
+    return out
+
+
+def log_datasets(client: MlflowClient, run_id: str, images: Images) -> None:
+    """The splits the run reads, as its inputs (logged again by a relaunch: MLflow keeps them once)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**ds.to_dict()), [InputTag("mlflow.data.context", ctx)])
+                                        for ds, ctx in datasets(images)])
 
 
 def for_inference(net: nn.Module, images: Images) -> nn.Sequential:

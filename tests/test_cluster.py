@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from cifar_ablation.report import main as report_main
@@ -85,8 +86,8 @@ def test_the_server_refuses_whoever_has_no_password(cluster):
 
 def test_a_sweep_runs_as_a_slurm_array_into_the_authenticated_server(cluster, tmp_path, imagefolder):
     data = imagefolder("tar", per_class=40)
-    res = run_cli(["-m", "trick=[],[flip]", "seed=0", *SLURM, *job_args(tmp_path, data, cluster, "slurm")],
-                  tmp_path, env=cluster.env, timeout=600)
+    res = run_cli(["-m", "trick=[],[flip]", "seed=0", *SLURM, *job_args(tmp_path, data, cluster, "slurm"),
+                   "mlflow.log_model=true"], tmp_path, env=cluster.env, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     runs = cluster.runs("slurm")
     (parent,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
@@ -98,11 +99,16 @@ def test_a_sweep_runs_as_a_slurm_array_into_the_authenticated_server(cluster, tm
     for r in jobs:
         assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1, 2]
-    # the password is nowhere MLflow or Hydra keep things: params, tags, saved configs, job folders
+    # each job's trained net went through the server into PostgreSQL and its artifact store, as a model
+    models = client.search_logged_models([parent.info.experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in jobs)
+    assert all(m.status == LoggedModelStatus.READY for m in models)
+    # the password is nowhere MLflow or Hydra keep things: params, tags, saved configs, job folders, the models
     for r in runs:
         assert cluster.password not in str(r.data.params) + str(r.data.tags)
-    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and cluster.password.encode() in p.read_bytes()]
-    assert not leaks
+    files = [*tmp_path.rglob("*"), *(cluster.root / "artifacts").rglob("*")]
+    leaks = [p for p in files if p.is_file() and cluster.password.encode() in p.read_bytes()]
+    assert len(list((cluster.root / "artifacts").rglob("model.pt2"))) >= 2 and not leaks
 
 
 SLOW = ["train.epochs=8", "model.widths=[32,64]", "model.dense=64", "data.subset=600", "train.batch_size=20"]

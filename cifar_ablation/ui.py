@@ -5,6 +5,7 @@ headless Chromium (Playwright) through what a user does first, saving a picture 
     1-sweep.png    the runs table, the latest sweep expanded: its job runs nested under it
     2-report.png   the sweep's own run: its report (the table) as its description
     3-charts.png   the chart view, runs grouped by trick set ("Group by" the tricks tag): val_acc per set
+    4-models.png   the experiment's Models tab: each finished run's trained net (lineage.py), by its source run
 
 MLflow 3.17's UI chooses its view from the address (workflowType=machine_learning) and older MLflow 3 UIs
 from the experiment's mlflow.experimentKind tag, which tracking.open_experiment sets.
@@ -103,6 +104,14 @@ def screenshots(url: str, sweep_name: str, group_by: str, out: Path) -> dict[str
         page.wait_for_timeout(3_000)
         page.screenshot(path=out / "3-charts.png")
         seen["charts"] = page.inner_text("body")
+
+        page.goto(url.replace("/runs?", "/models?"))  # the experiment's Models tab: each run's trained net
+        page.get_by_text("Source run").first.wait_for(timeout=30_000)
+        with contextlib.suppress(Exception):
+            page.get_by_role("button", name="Close").click(timeout=2_000)
+        page.wait_for_timeout(1_500)
+        page.screenshot(path=out / "4-models.png")
+        seen["models"] = page.inner_text("body")
         browser.close()
     return seen
 
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         exp_id, sweep = latest_sweep(args.tracking_uri, args.experiment or "cifar-ablation")
         with serve(args.tracking_uri, args.port, Path(tempfile.gettempdir()) / "cifar_ablation-mlflow-ui.log") as base:
             screenshots(runs_url(base, exp_id), sweep, "tricks", Path(args.screenshots))
-        print(f"wrote {args.screenshots}/1-sweep.png, 2-report.png, 3-charts.png")
+        print(f"wrote {args.screenshots}/1-sweep.png, 2-report.png, 3-charts.png, 4-models.png")
         return 0
     base = f"http://127.0.0.1:{args.port}"
     for exp in client_for(args.tracking_uri).search_experiments():

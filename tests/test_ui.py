@@ -20,7 +20,7 @@ def test_the_ui_opens_on_the_sweep_its_jobs_and_its_report(tmp_path, imagefolder
     uri = f"sqlite:///{db}"
     res = run_cli(["-m", "trick=[],[flip]", "seed=0", *TINY, "train.epochs=1", "data=imagefolder",
                    f"data.path={imagefolder('tar', per_class=40)}", f"mlflow.tracking_uri={uri}",
-                   "mlflow.experiment=ui"], tmp_path)
+                   "mlflow.experiment=ui", "mlflow.log_model=true"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     exp_id, sweep = latest_sweep(uri, "ui")
 
@@ -34,5 +34,7 @@ def test_the_ui_opens_on_the_sweep_its_jobs_and_its_report(tmp_path, imagefolder
     assert "Δ vs previous rung" in seen["report"] and "n=1: no verdict" in seen["report"]
     # the chart view, runs grouped by trick set
     assert "Group by: tricks" in seen["charts"] and "Group: flip" in seen["charts"] and "Group: baseline" in seen["charts"]
-    for name in ("1-sweep.png", "2-report.png", "3-charts.png"):
+    # the experiment's Models tab: each job's trained net, ready, by the run that logged it
+    assert seen["models"].count("Ready") == 2 and "baseline seed=0" in seen["models"] and "flip seed=0" in seen["models"]
+    for name in ("1-sweep.png", "2-report.png", "3-charts.png", "4-models.png"):
         assert (tmp_path / "shots" / name).stat().st_size > 20_000, name

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from mlflow.entities import LoggedModelStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -69,8 +71,27 @@ def log_datasets(client: MlflowClient, run_id: str, images: Images) -> None:
     """The splits the run reads, as its inputs (logged again by a relaunch: MLflow keeps them once)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**ds.to_dict()), [InputTag("mlflow.data.context", ctx)])
-                                        for ds, ctx in datasets(images)])
+    log_inputs(client, run_id, [DatasetInput(Dataset(**ds.to_dict()), [InputTag("mlflow.data.context", ctx)])
+                                for ds, ctx in datasets(images)])
+
+
+DUPLICATE = ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")  # sqlite, PostgreSQL, MySQL
+
+
+def log_inputs(client: MlflowClient, run_id: str, inputs: list, tries: int = 5) -> None:
+    """client.log_inputs, again when another process added the same dataset meanwhile. MLflow's store adds a
+    dataset it has not seen by looking it up, then inserting it: runs that log the same new dataset at once (a
+    sweep's processes, two launches) can both miss it, and the later insert fails on the store's unique key, its
+    whole write undone (seen in the prepared GPU run's rehearsal: one of its two forms FAILED so). Tried again,
+    the write finds the dataset and only links it to the run."""
+    for attempt in range(tries):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as e:
+            if attempt == tries - 1 or not any(d in str(e) for d in DUPLICATE):
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def for_inference(net: nn.Module, images: Images) -> nn.Sequential:

@@ -14,7 +14,8 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from cifar_ablation.data import load_images
-from cifar_ablation.lineage import CIFAR10_URL, NAME, datasets, fluent_store, for_inference, log_trained_model
+from cifar_ablation.lineage import (CIFAR10_URL, NAME, datasets, fluent_store, for_inference, log_inputs,
+                                    log_trained_model)
 from cifar_ablation.model import Arch, build_model
 from cifar_ablation.train import build
 
@@ -155,3 +156,60 @@ def test_a_splits_dataset_record_says_what_it_held(tmp_path, imagefolder, cifar1
     cifar = read(name="cifar10", root=str(cifar10_root), download=False)
     (train, _), _ = datasets(cifar)
     assert (train.name, train.source.url) == ("CIFAR-10/train", CIFAR10_URL)
+
+
+def _log_new_datasets(uri: str, run_id: str, start, names: int, tries: int) -> None:
+    from mlflow.entities import Dataset, DatasetInput
+
+    client = mlflow.MlflowClient(uri)
+    start.wait()
+    for i in range(names):
+        log_inputs(client, run_id, [DatasetInput(Dataset(f"d{i}", "digest", "local", '{"uri": "x"}'))], tries=tries)
+
+
+def test_runs_logging_the_same_new_datasets_at_once_all_log_them(tmp_path, tracking_db):
+    """Four processes, each its own run, log the same 15 new datasets at once into one sqlite store: every run
+    has all 15."""
+    import multiprocessing as mp
+    uri = f"sqlite:///{tracking_db}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("race", artifact_location=str(tmp_path / "mlruns"))
+    runs = [client.create_run(exp).info.run_id for _ in range(4)]
+    ctx = mp.get_context("spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_log_new_datasets, args=(uri, r, start, 15, 5)) for r in runs]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    for r in runs:
+        assert sorted(i.dataset.name for i in client.get_run(r).inputs.dataset_inputs) == sorted(f"d{i}" for i in range(15))
+
+
+class LosesTheRace:
+    """A client whose store fails the first `lost` writes as MLflow's does when another process inserted the same
+    dataset between its lookup and its insert (the prepared GPU run's rehearsal met it), or with `error`."""
+
+    def __init__(self, lost: int, error: str = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.name"):
+        self.lost, self.error, self.calls = lost, error, 0
+
+    def log_inputs(self, run_id, datasets):
+        self.calls += 1
+        if self.calls <= self.lost:
+            raise MlflowException(self.error)
+
+
+def test_a_write_that_lost_the_insert_race_is_tried_again_and_only_that():
+    client = LosesTheRace(lost=2)
+    log_inputs(client, "run", [])
+    assert client.calls == 3
+    with pytest.raises(MlflowException, match="UNIQUE"):  # lost every time: its error, after `tries`
+        log_inputs(LosesTheRace(lost=9), "run", [], tries=3)
+    for error in ("(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint", "Duplicate entry"):
+        log_inputs(LosesTheRace(lost=1, error=error), "run", [])  # PostgreSQL's and MySQL's words for it
+    other = LosesTheRace(lost=1, error="RESOURCE_DOES_NOT_EXIST: run 'run' not found")
+    with pytest.raises(MlflowException, match="not found"):  # any other error at once
+        log_inputs(other, "run", [])
+    assert other.calls == 1

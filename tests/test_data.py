@@ -135,7 +135,8 @@ def test_more_classes_than_the_net_has_outputs_fails_before_training_naming_the_
     """Three classes, model.num_classes=2: the run fails at once saying what to set (it failed mid-epoch with
     torch's "Target 2 is out of bounds"); fewer classes than outputs train (unused outputs)."""
     res = run_cli([*TINY, "data=imagefolder", f"data.path={imagefolder('dir', per_class=10)}",
-                   f"data.cache_dir={tmp_path}/cache", "model.num_classes=2", f"mlflow.tracking_uri=sqlite:///{tracking_db}",
+                   f"data.cache_dir={tmp_path}/cache", "model.num_classes=2",
+                   f"mlflow.tracking_uri=sqlite:///{tracking_db}",
                    "mlflow.experiment=classes"], tmp_path)
     assert res.returncode != 0
     message = ("model.num_classes=2 is not allowed; model.num_classes must be at least 3: the data has 3 classes "

@@ -7,10 +7,13 @@ import re
 import signal
 import warnings
 
+import mlflow
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cifar_ablation.data import load_images
+from cifar_ablation.lineage import fluent_store
 from cifar_ablation.steps import WARMUP
 from cifar_ablation.train import setup, train
 
@@ -214,6 +217,17 @@ def test_a_killed_cuda_run_resumes_on_the_graph_path(tmp_path, jpeg_cache, track
     print(f"resumed vs uninterrupted val_acc: {run.data.metrics['val_acc']:.4f} vs "
           f"{reference.data.metrics['val_acc']:.4f}")
     assert gap < 0.03
+    # the resumed run's trained net, logged as its one model, gives on the CPU (float32) what the run measured on
+    # the GPU (bf16): its weights came off the captured graph's parameters
+    assert len(client.search_logged_models([run.info.experiment_id])) == 1
+    with fluent_store(f"sqlite:///{db}"):
+        net = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    images = load_images(OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).data)
+    with torch.no_grad():
+        right = sum((net(x).argmax(1) == y).sum().item()
+                    for x, y in zip(images.test_x.split(500), images.test_y.split(500)))
+    print(f"its logged model on the CPU: val_acc {right / len(images.test_y):.4f}")
+    assert abs(right / len(images.test_y) - run.data.metrics["val_acc"]) < 0.01
 
 
 def test_runs_side_by_side_on_streams_train_as_they_do_alone(tmp_path, jpeg_cache, tracking_db):

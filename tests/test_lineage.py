@@ -185,7 +185,8 @@ def test_runs_logging_the_same_new_datasets_at_once_all_log_them(tmp_path, track
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     for r in runs:
-        assert sorted(i.dataset.name for i in client.get_run(r).inputs.dataset_inputs) == sorted(f"d{i}" for i in range(15))
+        names = sorted(i.dataset.name for i in client.get_run(r).inputs.dataset_inputs)
+        assert names == sorted(f"d{i}" for i in range(15))
 
 
 class LosesTheRace:

@@ -18,8 +18,8 @@ pickled code; torch alone loads it):
     mlflow.pyfunc.load_model("runs:/<run id>/model").predict(images.numpy())
 
 Its signature says so, its input example is two validation images, and its metadata names the classes in the
-order of the outputs and the data it was trained on. On the CPU it gives the run's own logits, bit for bit
-(tested). A run has one model at most: a relaunch after a kill while it was being logged replaces the unfinished
+order of the outputs and the data it was trained on. On the CPU it gives the run's own validation logits to float
+rounding (within 1e-5, the same predictions: tested; the run's net computed them in channels_last). A run has one model at most: a relaunch after a kill while it was being logged replaces the unfinished
 one. A model that cannot be logged leaves the run FINISHED (its metrics stand) with a `model_error` tag and a
 warning saying why.
 """
@@ -42,8 +42,6 @@ from .data import Images, Normalize
 
 log = logging.getLogger(__name__)
 NAME = "model"  # the logged model's name: runs:/<run id>/model
-
-
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torchvision.datasets.CIFAR10.url
 CONTEXTS = {"train": "training", "test": "validation"}  # the split: its context in the run's inputs
 

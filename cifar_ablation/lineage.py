@@ -19,9 +19,9 @@ pickled code; torch alone loads it):
 
 Its signature says so, its input example is two validation images, and its metadata names the classes in the
 order of the outputs and the data it was trained on. On the CPU it gives the run's own validation logits to float
-rounding (within 1e-5, the same predictions: tested; the run's net computed them in channels_last). A run has one model at most: a relaunch after a kill while it was being logged replaces the unfinished
-one. A model that cannot be logged leaves the run FINISHED (its metrics stand) with a `model_error` tag and a
-warning saying why.
+rounding (within 1e-5, the same predictions: tested; the run's net computed them in channels_last). A run has one
+model at most: a relaunch after a kill while it was being logged replaces the unfinished one. A model that cannot
+be logged leaves the run FINISHED (its metrics stand) with a `model_error` tag and a warning saying why.
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def job_steps(cfg: DictConfig):
 
         def on_epoch(epoch: int, metrics: dict, state_fn) -> None:
             run.end_epoch(epoch, metrics, state_fn)
-            last["weights"] = lambda: state_fn()["model"]  # the net as this epoch left it
+            last["state"] = state_fn  # its ["model"]: the net as this epoch left it
 
         try:
             metrics = yield from training(cfg, images, on_epoch, start, device)
@@ -83,7 +83,7 @@ def job_steps(cfg: DictConfig):
                               + str(e).split("\n")[0]) from e
         if cfg.mlflow.log_model:  # every epoch trained (a relaunch after the last one trains none: its checkpoint)
             net = build(cfg, images)
-            net.load_state_dict(last["weights"]() if last else start["model"])
+            net.load_state_dict((last["state"]() if last else start)["model"])
             run.flush()  # the last epoch's metrics, which the model takes over
             log_or_warn(run, cfg.mlflow.tracking_uri, exp_id, net, images, cfg.train.epochs)
     return metrics["val_acc"]

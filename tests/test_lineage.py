@@ -24,6 +24,12 @@ from .conftest import TINY, run_cli, runs_in
 ON = [t for t in TINY if not t.startswith("mlflow.log_model")] + ["mlflow.log_model=true"]
 
 
+def read(tmp_path: Path, **data):
+    """load_images of a data config made of `data` (cached under tmp_path; no subsets unless given)."""
+    return load_images(OmegaConf.create({"subset": None, "val_subset": None, "cache_dir": str(tmp_path / "cache"),
+                                         **data}))
+
+
 def models_of(client, run) -> list:
     return client.search_logged_models([run.info.experiment_id],
                                        filter_string=f"source_run_id = '{run.info.run_id}'")
@@ -89,8 +95,7 @@ def test_a_finished_run_logs_its_trained_net_as_a_model_that_gives_its_numbers(t
 
 def test_every_trick_exports_and_loads_with_the_same_logits(tmp_path, imagefolder):
     """The pt2 export (torch.export) of each kind of layer the tricks add, widths as the capacity trick makes them."""
-    images = load_images(OmegaConf.create(dict(name="imagefolder", path=str(imagefolder("dir", per_class=4)),
-                                               cache_dir=str(tmp_path / "cache"), subset=None, val_subset=None)))
+    images = read(tmp_path, name="imagefolder", path=str(imagefolder("dir", per_class=4)))
     x = images.test_x
     for i, arch in enumerate([Arch(widths=[8, 16]),  # the CLI test above: the other trick layers, as input norm
                               Arch(widths=[8, 16], batchnorm=True, conv_dropout=0.2, dense_dropout=0.3,
@@ -112,8 +117,7 @@ def test_one_model_per_run_whatever_came_between(tmp_path, imagefolder, tracking
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("once", artifact_location=str(tmp_path / "mlruns"))
     run_id = client.create_run(exp).info.run_id
-    images = load_images(OmegaConf.create(dict(name="imagefolder", path=str(imagefolder("dir", per_class=4)),
-                                               cache_dir=str(tmp_path / "cache"), subset=None, val_subset=None)))
+    images = read(tmp_path, name="imagefolder", path=str(imagefolder("dir", per_class=4)))
     unfinished = client.create_logged_model(exp, name=NAME, source_run_id=run_id).model_id
     net = build_model(Arch(widths=[8, 16], dense=16, num_classes=3))
     first = log_trained_model(client, uri, exp, run_id, net, images, step=1)
@@ -144,16 +148,14 @@ def test_a_model_that_cannot_be_logged_leaves_the_run_finished_saying_why(tmp_pa
 
 def test_a_splits_dataset_record_says_what_it_held(tmp_path, imagefolder, cifar10_root):
     """The digest follows the source's bytes, the split and the subset; torchvision's CIFAR-10 names its URL."""
-    def read(**data):
-        return load_images(OmegaConf.create({"subset": None, "val_subset": None, "cache_dir": str(tmp_path / "c"),
-                                             **data}))
     folder = imagefolder("dir", per_class=6)
-    whole, subset = read(name="imagefolder", path=str(folder)), read(name="imagefolder", path=str(folder), subset=9)
+    whole = read(tmp_path, name="imagefolder", path=str(folder))
+    subset = read(tmp_path, name="imagefolder", path=str(folder), subset=9)
     (train, ctx), (test, _) = datasets(whole)
     assert ctx == "training" and train.digest != test.digest
     assert datasets(subset)[0][0].digest != train.digest and datasets(subset)[1][0].digest == test.digest
-    assert datasets(read(name="imagefolder", path=str(folder)))[0][0].digest == train.digest  # read again: same
-    cifar = read(name="cifar10", root=str(cifar10_root), download=False)
+    assert datasets(read(tmp_path, name="imagefolder", path=str(folder)))[0][0].digest == train.digest  # read again: same
+    cifar = read(tmp_path, name="cifar10", root=str(cifar10_root), download=False)
     (train, _), _ = datasets(cifar)
     assert (train.name, train.source.url) == ("CIFAR-10/train", CIFAR10_URL)
 

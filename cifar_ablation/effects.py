@@ -21,7 +21,7 @@ from typing import Any
 
 from scipy import stats as st
 
-from .stats import NAN, verdict
+from .stats import NAN, holm, verdict
 
 
 @dataclass(frozen=True)
@@ -167,12 +167,14 @@ def factorial_section(t) -> str:
         return f"\n{a}\n"
     lines = ["", "### Design", "", "```", a.plan.describe(), "```", "",
              f"### Effects (OLS on ±1-coded tricks with two-trick interactions; residual df {a.fit.df_resid:g})", "",
-             "| term | effect, points [95% CI] | p | verdict |", "|---|---|---|---|"]
+             "| term | effect, points [95% CI] | p | p (Holm) | verdict |", "|---|---|---|---|---|"]
     lines += [f"| {e.term} | {fmt(e.effect, plus=True)} [{fmt(e.lo, plus=True)}, {fmt(e.hi, plus=True)}] | "
-              f"{fmt(e.p, '.3g')} | {e.verdict} |" for e in a.fit.effects]
+              f"{fmt(e.p, '.3g')} | {fmt(q, '.3g')} | {e.verdict} |"
+              for e, q in zip(a.fit.effects, holm([e.p for e in a.fit.effects]))]
     lines += ["", "A main effect is the average gain of turning the trick on, over all settings of the others; an "
               "interaction a × b is half the difference between a's effect with b on and with b off (both are "
-              "2 × the OLS coefficient).", "", "```", a.fit.anova, "```", "",
+              f"2 × the OLS coefficient). p (Holm): adjusted for the {len(a.fit.effects)} terms.", "", "```",
+              a.fit.anova, "```", "",
               f"### Shapley values ({a.shapley_how})", "", "| trick | Shapley value, points [95% CI] | verdict |",
               "|---|---|---|"]
     lines += [f"| {k} | {fmt(v, plus=True)} [{fmt(lo, plus=True)}, {fmt(hi, plus=True)}] | {_verdict(lo, hi)} |"

@@ -7,7 +7,8 @@
 Runs are grouped into configurations (groups.py: everything but the seed); seeds aggregate to n, mean ± std
 and a 95% t-interval of the mean. Each row is compared with its reference (the previous rung; the full set;
 the baseline) by Welch's t-test: the difference, its 95% CI, and a verdict (gain / loss / within noise;
-"n=1: no verdict" without two seeds a side). Failed and missing configurations are listed, never silently
+"n=1: no verdict" without two seeds a side), its p-value adjusted for the table's comparisons (Holm), and for a
+row within noise the seeds that would resolve it. Failed and missing configurations are listed, never silently
 dropped. Writes <design>.md/.csv (and figures, see figures.py) to --out and logs them as artifacts of a
 report run in the experiment.
 The table itself is tables.py's, its statistics stats.py's.

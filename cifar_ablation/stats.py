@@ -5,6 +5,11 @@ and the 95% t-interval of the mean; compare() gives the difference of two means 
 (scipy's ttest_ind(equal_var=False)), its p-value and a verdict: gain or loss when the interval excludes 0,
 within noise when it does not, "n=1: no verdict" without two values a side (never a false gain), missing when
 a side has no value.
+
+A table makes several comparisons at once (a ladder's 8 steps): holm() adjusts their p-values for that (Holm's
+step-down, statsmodels), so that a reader can tell a gain from one of the chance results k tests at 5% make.
+seeds_to_resolve() is a planning number for a comparison within noise: how many seeds a side would resolve its
+measured difference at 80% power, at its seeds' spread (a t-test's power, statsmodels).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from scipy import stats as st
 
 VERDICT_TEST = "Welch's t-test, 95% two-sided"
 NAN = math.nan
+ALPHA, POWER, MAX_SEEDS = 0.05, 0.8, 100
 
 
 @dataclass(frozen=True)
@@ -67,3 +73,32 @@ def compare(a: list[float], b: list[float]) -> Comparison:
 def verdict(lo: float, hi: float) -> str:
     """gain or loss when the 95% interval of a difference excludes 0, else within noise."""
     return "gain" if lo > 0 else "loss" if hi < 0 else "within noise"
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's adjustment of a family of p-values (nan where a comparison has none, and left out of the family)."""
+    from statsmodels.stats.multitest import multipletests
+
+    family = [i for i, p in enumerate(ps) if not math.isnan(p)]
+    out = [NAN] * len(ps)
+    if family:
+        for i, q in zip(family, multipletests([ps[i] for i in family], alpha=ALPHA, method="holm")[1]):
+            out[i] = float(q)
+    return out
+
+
+def seeds_to_resolve(a: list[float], b: list[float]) -> int | None:
+    """The fewest seeds a side (2..MAX_SEEDS) with which a two-sided t-test at ALPHA would find the difference of
+    the means of a and b with probability POWER, were that difference and their pooled spread the truth; None
+    past MAX_SEEDS, or without two values a side."""
+    from statsmodels.stats.power import TTestIndPower
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    spread = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
+    delta = abs(statistics.fmean(a) - statistics.fmean(b))
+    if spread == 0:
+        return 2 if delta else None
+    d = delta / spread
+    return next((n for n in range(2, MAX_SEEDS + 1)
+                 if TTestIndPower().power(effect_size=d, nobs1=n, alpha=ALPHA, ratio=1.0) >= POWER), None)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from .checks import CONF_DIR
 from .designs import DESIGNS, SINGLE, Design, RowSpec, infer_design
 from .groups import Group, group_runs
-from .stats import NAN, VERDICT_TEST, Comparison, compare, summary
+from .stats import MAX_SEEDS, NAN, POWER, VERDICT_TEST, Comparison, compare, holm, seeds_to_resolve, summary
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class Row:
     slide: float | None        # the slide's val accuracy for this rung (ladder only)
     reference: str = ""        # the row it was compared with ("" for a reference row)
     group: tuple = ()          # its configuration (groups.Group.key)
+    p_holm: float = NAN        # p_value adjusted for the table's comparisons (stats.holm)
+    seeds_to_resolve: int | None = None   # within noise: seeds a side that would resolve delta (stats.py)
 
     @property
     def row(self) -> str:
@@ -49,7 +51,8 @@ class Row:
 
 
 CSV_COLUMNS = ("design", "row", "tricks", "n", "val_mean", "val_std", "val_ci_lo", "val_ci_hi", "delta",
-               "delta_ci_lo", "delta_ci_hi", "p_value", "verdict", "train_mean", "gap", "slide", "reference")
+               "delta_ci_lo", "delta_ci_hi", "p_value", "p_holm", "verdict", "seeds_to_resolve", "train_mean", "gap",
+               "slide", "reference")
 
 
 @dataclass
@@ -103,8 +106,9 @@ def _rows(spec: RowSpec, specs: list[RowSpec], groups: dict[tuple, list[Group]],
         for ref, c in pairs:
             name = "" if spec.reference is None else " ".join(specs[spec.reference].label) + \
                 (f" ({ref.label})" if ref is not None and ref.label else "")
+            seeds = seeds_to_resolve(val, ref.val) if c.verdict == "within noise" else None
             rows.append(Row(label, spec.tricks, s.n, s.mean, s.std, s.lo, s.hi, c.delta, c.lo, c.hi, c.p, c.verdict,
-                            train, train - s.mean, slide_val, name, g.key if g else ()))
+                            train, train - s.mean, slide_val, name, g.key if g else (), seeds_to_resolve=seeds))
     return rows
 
 
@@ -150,6 +154,7 @@ def build_table(runs, design: str | None = None) -> Table:
     specs = [replace(s, tricks=spelling.get(frozenset(s.tricks), s.tricks)) for s in d.rows(order, fraction)] \
         if order or inferred else []
     rows = [row for spec in specs for row in _rows(spec, specs, groups, d, slide)]
+    rows = [replace(r, p_holm=q) for r, q in zip(rows, holm([r.p_value for r in rows]))]
     sources = sorted({data_of(r) for r in finished})
     wanted = [spec.tricks for spec in specs]
     missing = [",".join(k) or "baseline" for k in wanted if k not in groups]
@@ -177,7 +182,7 @@ def markdown(t: Table, title: str) -> str:
     labels = " | ".join(t.design.label_columns)
     lines = [f"## {title}", "",
              f"| {labels} | n | val acc % (mean ± std) | 95% CI | {t.design.delta_column} [95% CI] | verdict | "
-             "train acc % | train−val gap | slide val % |", "|---" * (8 + len(t.design.label_columns)) + "|"]
+             "p (Holm) | train acc % | train−val gap | slide val % |", "|---" * (9 + len(t.design.label_columns)) + "|"]
     for r in t.rows:
         ci = f"[{fmt(r.val_ci_lo)}, {fmt(r.val_ci_hi)}]" if r.n > 1 else "–"
         d = with_ci(r.delta, r.delta_ci_lo, r.delta_ci_hi)
@@ -185,9 +190,9 @@ def markdown(t: Table, title: str) -> str:
             d += f" vs {r.reference}"
         val = f"{fmt(r.val_mean)} ± {fmt(r.val_std)}" if r.n > 1 else fmt(r.val_mean)
         lines.append(f"| {' | '.join(r.label)} | {r.n} | {val if r.n else 'missing'} | {ci} | {d} | {r.verdict} | "
-                     f"{fmt(r.train_mean)} | {fmt(r.gap, plus=True)} | {fmt(r.slide, '.1f')} |")
+                     f"{fmt(r.p_holm, '.2g')} | {fmt(r.train_mean)} | {fmt(r.gap, plus=True)} | {fmt(r.slide, '.1f')} |")
     lines += ["", f"Verdicts: {VERDICT_TEST} on the final-epoch val accuracy of each seed; 'gain'/'loss' when the "
-              "95% CI of the difference excludes 0."]
+              "95% CI of the difference excludes 0.", *uncertainty_notes(t.rows)]
     if t.inferred:
         lines.append(f"Design: inferred from the trick sets swept: {t.inferred}.")
     if t.sources:
@@ -207,19 +212,39 @@ def markdown(t: Table, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def uncertainty_notes(rows: list[Row]) -> list[str]:
+    """What the verdicts do not say: which gains and losses could be chance among the table's comparisons, and what
+    more seeds would resolve where the verdict is within noise."""
+    k = sum(not math.isnan(r.p_value) for r in rows)
+    if k < 2:
+        return []
+    doubtful = [r.row for r in rows if r.verdict in ("gain", "loss") and r.p_holm >= 0.05]
+    lines = [f"p (Holm): each p-value adjusted for the table's {k} comparisons (Holm's step-down); "
+             + (f"a gain or loss with an adjusted p of 0.05 or more may be one of the chance results that {k} tests "
+                f"at 5% make: {'; '.join(doubtful)}." if doubtful else
+                "every gain and loss here holds after it (adjusted p < 0.05).")]
+    unresolved = [r for r in rows if r.verdict == "within noise"]
+    if unresolved:
+        seeds = "; ".join(f"{r.row}: {r.seeds_to_resolve or f'more than {MAX_SEEDS}'}" for r in unresolved)
+        lines.append(f"Within noise is not no effect: seeds a side that would resolve the measured Δ at "
+                     f"{POWER:.0%} power, were it and the seeds' spread the truth (a planning guide): {seeds}.")
+    return lines
+
+
 def compare_markdown(a: Table, b: Table, name_a: str, name_b: str) -> str:
     """Two experiments side by side, row by row (e.g. original CIFAR-10 vs the JPEG mirror)."""
     lines = [f"## {a.design.name}: {name_a} vs {name_b}", "",
-             f"| row | {name_a} val % (n) | {name_b} val % (n) | {name_b} − {name_a} [95% CI] | verdict |",
-             "|---|---|---|---|---|"]
+             f"| row | {name_a} val % (n) | {name_b} val % (n) | {name_b} − {name_a} [95% CI] | verdict | p (Holm) |",
+             "|---|---|---|---|---|---|"]
     b_rows = {r.row: r for r in b.rows}
-    for ra in a.rows:
-        rb = b_rows.get(ra.row)
-        ga, gb = a.group_of(ra), b.group_of(rb) if rb else None
-        c = compare(gb.val if gb else [], ga.val if ga else [])
+    pairs = [(ra, b_rows.get(ra.row)) for ra in a.rows]
+    groups = [(a.group_of(ra), b.group_of(rb) if rb else None) for ra, rb in pairs]
+    cs = [compare(gb.val if gb else [], ga.val if ga else []) for ga, gb in groups]
+    for (ra, rb), c, q in zip(pairs, cs, holm([c.p for c in cs])):
         lines.append(f"| {ra.row} | {fmt(ra.val_mean)} ({ra.n}) | {fmt(rb.val_mean) if rb else '–'} "
-                     f"({rb.n if rb else 0}) | {with_ci(c.delta, c.lo, c.hi)} | {c.verdict} |")
-    lines += ["", f"Verdicts: {VERDICT_TEST}."]
+                     f"({rb.n if rb else 0}) | {with_ci(c.delta, c.lo, c.hi)} | {c.verdict} | {fmt(q, '.2g')} |")
+    lines += ["", f"Verdicts: {VERDICT_TEST}; p (Holm): adjusted for the {sum(not math.isnan(c.p) for c in cs)} "
+              "comparisons."]
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ def md_rows(text: str) -> list[list[str]]:
 
 
 def ladder_rows() -> dict[int, list[str]]:
-    """ladder.md's rows by rung: rung, trick, n, val mean ± std, CI, Δ [CI], verdict, train, gap, slide."""
+    """ladder.md's rows by rung: rung, trick, n, val mean ± std, CI, Δ [CI], verdict, p (Holm), train, gap, slide."""
     return {int(r[0]): r for r in md_rows((LADDER / "ladder.md").read_text()) if r[0].isdigit()}
 
 
@@ -67,7 +67,7 @@ def test_the_readmes_quote_the_published_ladder():
     assert [int(r[0].split()[0]) for r in quoted] == sorted(rows)  # every rung, in order
     for r in quoted:  # rung | val % | Δ [95% CI] | verdict | slide
         mine = rows[int(r[0].split()[0])]
-        assert [r[1].strip("*"), r[2], r[3], r[4]] == [mine[3], mine[5], mine[6], mine[9]], (r, mine)
+        assert [r[1].strip("*"), r[2], r[3], r[4]] == [mine[3], mine[5], mine[6], mine[10]], (r, mine)
     results = (ROOT / "README.md").read_text().split("## Results")[1]
     top, base = rows[max(rows)][3], rows[0][3].split(" ± ")[0]
     assert f"**{top} % at the capacity rung**" in results and f"{base} % baseline" in results, (top, base)

@@ -1,16 +1,18 @@
 """Report statistics on known samples, through runs constructed in a temporary MLflow store."""
 from __future__ import annotations
 
+import csv
 import math
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats as st
 
 from cifar_ablation.designs import infer_design
 from cifar_ablation.report import load_sweep, main
-from cifar_ablation.stats import compare, summary
-from cifar_ablation.tables import build_table, markdown
+from cifar_ablation.stats import compare, holm, seeds_to_resolve, summary
+from cifar_ablation.tables import build_table, markdown, write_csv
 from cifar_ablation.tracking import JOB, REPORT, ROLE
 
 ORDER = ["noise", "batchnorm", "dropout"]
@@ -66,6 +68,51 @@ def test_compare_is_welch_with_verdicts():
     assert compare([], b).verdict == "missing"
     # no spread on either side: the difference is exact, and a verdict all the same
     assert (compare([2.0, 2.0], [1.0, 1.0]).lo, compare([2.0, 2.0], [1.0, 1.0]).verdict) == (1.0, "gain")
+
+
+def test_holm_adjusts_the_family_and_leaves_out_what_has_no_p():
+    # sorted 0.01, 0.03, 0.04: x3, x2, x1 = 0.03, 0.06, 0.04 -> made non-decreasing: 0.03, 0.06, 0.06
+    assert holm([0.01, math.nan, 0.04, 0.03]) == pytest.approx([0.03, math.nan, 0.06, 0.06], nan_ok=True)
+    assert holm([0.2]) == [0.2] and holm([]) == [] and math.isnan(holm([math.nan])[0])
+
+
+def test_seeds_to_resolve_is_the_fewest_with_80_percent_power():
+    """Checked by simulation, not by the formula it uses: with the seeds it names, a t-test at 5% finds a true
+    difference of that size (in units of the spread) about 80 times in 100; with one seed less, less often."""
+    a, b = [0.0, 1.0, 2.0], [1.5, 2.5, 3.5]          # difference 1.5, spread 1: d = 1.5
+    n = seeds_to_resolve(a, b)
+    assert n == seeds_to_resolve(b, a) and 5 <= n <= 12
+    rng = np.random.default_rng(0)
+
+    def power(k: int) -> float:
+        x, y = rng.normal(0, 1, (40_000, k)), rng.normal(1.5, 1, (40_000, k))
+        return float((st.ttest_ind(x, y, axis=1).pvalue < 0.05).mean())
+    assert power(n) >= 0.78 and power(n - 1) < 0.80 and power(n - 1) < power(n)
+    assert seeds_to_resolve([1.0, 2.0, 3.0], [1.01, 2.01, 3.01]) is None    # d = 0.01: past 100 seeds
+    assert seeds_to_resolve([95.0], a) is None                              # no spread to plan with
+    assert seeds_to_resolve([2.0, 2.0], [1.0, 1.0]) == 2                    # no spread at all: exact
+
+
+def test_the_table_says_which_verdicts_could_be_chance_and_what_resolves_the_rest(store):
+    """Three comparisons: a gain whose p (about 0.027) passes 5% alone but not Holm's 2 x p, a gain far past it,
+    and a difference within noise, which gets the seeds that would resolve it."""
+    client, add, tmp = store
+    exp = add("holm", {(): [80, 81, 82], ("noise",): [82.8, 83.8, 84.8], ("noise", "batchnorm"): [92.8, 93.8, 94.8],
+                       ("noise", "batchnorm", "dropout"): [94.0, 95.0, 94.6]})
+    t = build_table(load_sweep(client, exp, "latest")[1])
+    _, noise, bn, drop = t.rows
+    assert (noise.verdict, bn.verdict, drop.verdict) == ("gain", "gain", "within noise")
+    assert 0.025 < noise.p_value < 0.05 and noise.p_holm == pytest.approx(2 * noise.p_value)
+    assert bn.p_holm == pytest.approx(3 * bn.p_value) and drop.p_holm == pytest.approx(drop.p_value)  # the largest: x 1
+    assert drop.seeds_to_resolve == seeds_to_resolve([94.0, 95.0, 94.6], [92.8, 93.8, 94.8]) and \
+        noise.seeds_to_resolve is None    # a verdict already: nothing to resolve
+    text = markdown(t, "t")
+    assert "may be one of the chance results that 3 tests at 5% make: 1 noise." in text
+    assert f"3 dropout: {drop.seeds_to_resolve}." in text
+    write_csv(t, tmp / "t.csv")
+    rows = list(csv.DictReader(open(tmp / "t.csv")))
+    assert float(rows[1]["p_holm"]) == pytest.approx(noise.p_holm) and rows[3]["seeds_to_resolve"] == \
+        str(drop.seeds_to_resolve) and rows[0]["p_holm"] == ""
 
 
 def test_ladder_table_from_runs(store):

@@ -66,7 +66,23 @@ def sweep_table(client, experiment: str, sweep: str, design: str | None) -> tupl
     if not runs:
         raise LookupError(f"no job runs for sweep {sweep!r} in experiment {experiment!r}")
     parent = sweep_run(client, sweep_id)  # the sweep's own design, not that of the runs it reused
-    return exp_id, sweep_id, runs, build_table(runs, design or (parent and parent.data.tags.get("design")))
+    table = build_table(runs, design or (parent and parent.data.tags.get("design")))
+    if sweep != "all":
+        table.notes += more_seeds_elsewhere(client, exp_id, table)
+    return exp_id, sweep_id, runs, table
+
+
+def more_seeds_elsewhere(client, exp_id: str, table: Table) -> list[str]:
+    """A note when other sweeps of the experiment ran more seeds of this table's configurations (seeds added
+    later, `seed=3,4`): `--sweep all` pools them."""
+    every = build_table(load_sweep(client, exp_id, "all")[1], table.design.name)
+    n_all = {g.key: len(g.runs) for gs in every.groups.values() for g in gs}
+    here = [g for gs in table.groups.values() for g in gs]
+    more = [n_all[g.key] for g in here if n_all.get(g.key, 0) > len(g.runs)]
+    if not more:
+        return []
+    return [f"the experiment's other sweeps hold more seeds of {len(more)} of these {len(here)} configurations "
+            f"(up to {max(more)} in all): `--sweep all` pools every sweep's runs"]
 
 
 def attribution_tables(client, experiment: str) -> tuple[str, dict[str, tuple[str, Table]]]:

@@ -215,17 +215,18 @@ def markdown(t: Table, title: str) -> str:
 def uncertainty_notes(rows: list[Row]) -> list[str]:
     """What the verdicts do not say: which gains and losses could be chance among the table's comparisons, and what
     more seeds would resolve where the verdict is within noise."""
-    k = sum(not math.isnan(r.p_value) for r in rows)
-    if k < 2:
-        return []
-    doubtful = [r.row for r in rows if r.verdict in ("gain", "loss") and r.p_holm >= 0.05]
-    lines = [f"p (Holm): each p-value adjusted for the table's {k} comparisons (Holm's step-down); "
-             + (f"a gain or loss with an adjusted p of 0.05 or more may be one of the chance results that {k} tests "
-                f"at 5% make: {'; '.join(doubtful)}." if doubtful else
-                "every gain and loss here holds after it (adjusted p < 0.05).")]
+    k, lines = sum(not math.isnan(r.p_value) for r in rows), []
+    if k > 1:
+        doubtful = [r.row for r in rows if r.verdict in ("gain", "loss") and r.p_holm >= 0.05]
+        lines.append(f"p (Holm): each p-value adjusted for the table's {k} comparisons (Holm's step-down); " + (
+            f"a gain or loss with an adjusted p of 0.05 or more may be one of the chance results that {k} tests at "
+            f"5% make: {'; '.join(doubtful)}." if doubtful else
+            "every gain and loss here holds after it (adjusted p < 0.05)."))
     unresolved = [r for r in rows if r.verdict == "within noise"]
     if unresolved:
-        seeds = "; ".join(f"{r.row}: {r.seeds_to_resolve or f'more than {MAX_SEEDS}'}" for r in unresolved)
+        seeds = "; ".join(f"{r.row}: " + (str(r.seeds_to_resolve) if r.seeds_to_resolve else
+                                            f"more than {MAX_SEEDS}" if r.delta else "none (Δ = 0)")
+                          for r in unresolved)
         lines.append(f"Within noise is not no effect: seeds a side that would resolve the measured Δ at "
                      f"{POWER:.0%} power, were it and the seeds' spread the truth (a planning guide): {seeds}.")
     return lines

@@ -24,11 +24,11 @@ def store(tmp_path, tracking_db):
     client = MlflowClient(f"sqlite:///{tracking_db}")
 
     def add(experiment: str, runs: dict[tuple, list[float]], design: str = "ladder", sweep: str = "s1",
-            failed: dict[tuple, str] | None = None, order: list[str] = ORDER):
+            failed: dict[tuple, str] | None = None, order: list[str] = ORDER, first_seed: int = 0):
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
         for tricks, vals in runs.items():
-            for seed, v in enumerate(vals):
+            for seed, v in enumerate(vals, first_seed):
                 r = client.create_run(exp_id, tags={ROLE: JOB, "tricks": ",".join(tricks) or "baseline",
                                                     "design": design, "sweep_id": sweep, "seed": str(seed)})
                 client.log_param(r.info.run_id, "ablation.order", str(order))
@@ -291,3 +291,24 @@ def test_report_of_a_hand_made_sweep_compares_what_was_swept(store):
     assert t2.design.name == "each_vs_baseline" and not t2.extra
     assert [r.tricks for r in t2.rows] == [(), ("noise",), ("dropout",), ("noise", "flip")]
     assert {r.tricks: r.reference for r in t2.rows}[("noise", "flip")] == "baseline"
+
+
+def test_seeds_added_by_a_later_sweep_are_pointed_at_and_pooled_by_sweep_all(store, capsys):
+    """The user's follow-up to "within noise": seeds 0-1 in one sweep, seed 2 of the same ladder in another. The
+    latest sweep's report (one seed a side, no verdict) says where the others are; --sweep all pools them."""
+    client, add, tmp = store
+    add("more", {(): [80, 81], ("noise",): [82, 83]}, sweep="s1")
+    add("more", {(): [82], ("noise",): [84]}, sweep="s2", first_seed=2)
+    uri = client.tracking_uri
+    assert main(["--tracking-uri", uri, "--experiment", "more", "--sweep", "s2", "--out", str(tmp / "a"),
+                 "--no-figures"]) == 0
+    text = (tmp / "a" / "ladder.md").read_text()
+    assert "n=1: no verdict" in text and "more seeds of 2 of these 2 configurations (up to 3 in all)" in text
+    assert main(["--tracking-uri", uri, "--experiment", "more", "--sweep", "all", "--out", str(tmp / "b"),
+                 "--no-figures"]) == 0
+    text = (tmp / "b" / "ladder.md").read_text()
+    assert "| 1 | noise | 3 | 83.00 ± 1.00 |" in text and "more seeds" not in text
+    assert "1 noise: " in text and "within noise" in text    # +2 at a spread of 1: seeds that would resolve it
+    assert main(["--tracking-uri", uri, "--experiment", "more", "--sweep", "s1", "--out", str(tmp / "c"),
+                 "--no-figures"]) == 0
+    assert "(up to 3 in all)" in (tmp / "c" / "ladder.md").read_text()

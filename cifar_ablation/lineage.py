@@ -8,10 +8,10 @@ and runs on the original CIFAR-10 are then told apart at a glance, as are subset
 digests agree. A relaunch logs the same inputs again, which MLflow keeps once.
 
 The model (mlflow.log_model, on by default): one per FINISHED run. MLflow 3 keeps a model as a LoggedModel of
-the run's experiment (its Models tab: each model with the run's final metrics and params), linked to the run that
-made it. Ours, named "model", is the net as the last epoch left it behind the training loader's normalization
-(data.Normalize), on the CPU in eval mode, saved in MLflow's default format for PyTorch (torch.export's pt2: no
-pickled code; torch alone loads it):
+the run's experiment (its Models tab: each model with the run's final metrics, each under the dataset it measures,
+and params), linked to the run that made it. Ours, named "model", is the net as the last epoch left it behind the
+training loader's normalization (data.Normalize), on the CPU in eval mode, saved in MLflow's default format for
+PyTorch (torch.export's pt2: no pickled code; torch alone loads it):
 
     net = mlflow.pytorch.load_model("runs:/<run id>/model")    # or "models:/<model id>"
     logits = net(images)                                        # uint8 (N, 3, 32, 32) -> float32 (N, 10)
@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from mlflow.entities import LoggedModelStatus
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -46,6 +46,14 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torch
 CONTEXTS = {"train": "training", "test": "validation"}  # the split: its context in the run's inputs
 
 
+def split_names(images: Images) -> dict[str, tuple[str, str]]:
+    """Each split's dataset name and digest, by split: the digest of the source's sha256, the split and its size."""
+    base = "CIFAR-10" if images.source.startswith("cifar10:") else images.source.rstrip("/").rsplit("/", 1)[-1]
+    return {split: (f"{base}/{split}", hashlib.sha256(
+        f"{images.checksum} {split} {len(getattr(images, f'{split}_y'))}".encode()).hexdigest()[:10])
+        for split in CONTEXTS}
+
+
 def datasets(images: Images) -> list[Any]:
     """Each split of `images` as an MLflow dataset (a record of it, not its data): name, digest, source, schema
     and shape; [(dataset, context)]."""
@@ -55,13 +63,11 @@ def datasets(images: Images) -> list[Any]:
 
     cifar10 = images.source.startswith("cifar10:")
     source = HTTPDatasetSource(CIFAR10_URL) if cifar10 else LocalArtifactDatasetSource(images.source)
-    base = "CIFAR-10" if cifar10 else images.source.rstrip("/").rsplit("/", 1)[-1]
     out = []
-    for split, context in CONTEXTS.items():
+    for split, (name, digest) in split_names(images).items():
         x, y = getattr(images, f"{split}_x"), getattr(images, f"{split}_y")
-        digest = hashlib.sha256(f"{images.checksum} {split} {len(y)}".encode()).hexdigest()[:10]
-        out.append((mlflow.data.from_numpy(x.numpy(), targets=y.numpy(), source=source, name=f"{base}/{split}",
-                                           digest=digest), context))
+        out.append((mlflow.data.from_numpy(x.numpy(), targets=y.numpy(), source=source, name=name, digest=digest),
+                    CONTEXTS[split]))
     return out
 
 
@@ -145,13 +151,29 @@ def log_trained_model(client: MlflowClient, uri: str, exp_id: str, run_id: str, 
     keep = ("tricks", "seed", "rung", "trick_added", "config_hash", "git_commit", "data_source", "data_checksum")
     made = client.create_logged_model(exp_id, name=NAME, source_run_id=run_id, params=run.data.params,
                                       tags={k: v for k, v in run.data.tags.items() if k in keep})
-    with fluent_store(uri):
+    with fluent_store(uri):  # not given the run: MLflow would link the run's metrics without their datasets
         mlflow.pytorch.log_model(
-            model, name=NAME, model_id=made.model_id, run_id=run_id, step=step, signature=signature,
+            model, name=NAME, model_id=made.model_id, signature=signature,
             input_example=x.numpy(), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             metadata={"classes": list(images.classes), "input": "uint8 images (N, C, H, W), unnormalized",
                       "data_source": images.source, "data_checksum": images.checksum})
+    client.log_outputs(run_id, [LoggedModelOutput(made.model_id, step=step)])
+    link_metrics(client, run_id, made.model_id, step, images)
     return made.model_id
+
+
+def link_metrics(client: MlflowClient, run_id: str, model_id: str, step: int, images: Images) -> None:
+    """The run's metrics at `step` become the model's, each against the split it measures (val_*: the validation
+    split, train_*: the training split; the rest against none): the Models tab lists them under their datasets.
+    (What mlflow's log_model does given the run and a step, there without datasets: run metrics keep none.)"""
+    names = split_names(images)
+    by_prefix = {"val_": names["test"], "train_": names["train"]}
+    metrics = []
+    for key in client.get_run(run_id).data.metrics:
+        ds = next((v for k, v in by_prefix.items() if key.startswith(k)), (None, None))
+        metrics += [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, dataset_name=ds[0],
+                           dataset_digest=ds[1]) for m in client.get_metric_history(run_id, key) if m.step == step]
+    client.log_batch(run_id, metrics=metrics)  # the run's own rows are these already: kept once
 
 
 def log_or_warn(run: Any, uri: str, exp_id: str, net: nn.Module, images: Images, step: int) -> None:

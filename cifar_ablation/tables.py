@@ -118,6 +118,17 @@ def slide_order() -> list[str]:
     return [k for k in OmegaConf.load(CONF_DIR / "config.yaml").ablation.slide if k != "baseline"]
 
 
+def counts(run: Any) -> bool:
+    """A run a table counts: FINISHED, with its val accuracy."""
+    return run.info.status == "FINISHED" and "val_acc" in run.data.metrics
+
+
+def configurations(runs) -> dict[tuple, list[Group]]:
+    """The configurations of the runs a table counts, by trick set (groups.group_runs)."""
+    finished = [r for r in runs if counts(r)]
+    return group_runs(finished, [tuple(parse_tricks(r.data.tags.get("tricks"))) for r in finished])[0]
+
+
 def build_table(runs, design: str | None = None) -> Table:
     ignored: list[str] = []
     order: list[str] = []
@@ -135,7 +146,7 @@ def build_table(runs, design: str | None = None) -> Table:
         designs.append(tags.get("design", SINGLE))
         tricks = tuple(parse_tricks(tags.get("tricks")))
         tried.add(tricks)
-        if r.info.status != "FINISHED" or "val_acc" not in metrics:
+        if not counts(r):
             ignored.append(f"{r.info.run_id} [{tags.get('tricks')} seed {tags.get('seed')}] {r.info.status}: "
                            f"{tags.get('failure_reason', 'no val_acc logged')}")
             continue

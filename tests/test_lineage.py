@@ -75,6 +75,14 @@ def test_a_finished_run_logs_its_trained_net_as_a_model_that_gives_its_numbers(t
     assert all(d.source_type == "local" and str(data) in d.source for d in inputs.values())
     assert '"features_shape": [120, 3, 32, 32]' in inputs["training"].profile  # 40 a class, 3 classes
     assert '"features_shape": [60, 3, 32, 32]' in inputs["validation"].profile
+    # the model's metrics, each under the split it measures (the Models tab groups them so), each once; the
+    # run's own metric rows unchanged by it (two epochs, one row each)
+    on = {x.key: (x.dataset_name, x.dataset_digest) for x in m.metrics}
+    assert len(on) == len(m.metrics) == len(run.data.metrics) and all(x.step == 2 for x in m.metrics)
+    assert on["val_acc"] == on["val_loss"] == (inputs["validation"].name, inputs["validation"].digest)
+    assert on["train_acc"] == on["train_loss"] == (inputs["training"].name, inputs["training"].digest)
+    assert on["lr"] == (None, None)
+    assert [x.step for x in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
 
     expected, labels, images = logits_as_the_run_computes_them(client, run, tmp_path)
     with fluent_store(f"sqlite:///{tracking_db}"):

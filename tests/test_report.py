@@ -312,3 +312,9 @@ def test_seeds_added_by_a_later_sweep_are_pointed_at_and_pooled_by_sweep_all(sto
     assert main(["--tracking-uri", uri, "--experiment", "more", "--sweep", "s1", "--out", str(tmp / "c"),
                  "--no-figures"]) == 0
     assert "(up to 3 in all)" in (tmp / "c" / "ladder.md").read_text()
+    # a hand-made sweep (a design inferred from its trick sets, no design of its own) the same way
+    add("hand", {(): [80, 81], ("noise", "dropout"): [82, 83]}, design="single", sweep="h1")
+    add("hand", {(): [82], ("noise", "dropout"): [84]}, design="single", sweep="h2", first_seed=2)
+    assert main(["--tracking-uri", uri, "--experiment", "hand", "--out", str(tmp / "d"), "--no-figures"]) == 0
+    text = (tmp / "d" / "each_vs_baseline.md").read_text()
+    assert "sweep h2" in text and "more seeds of 2 of these 2 configurations (up to 3 in all)" in text

@@ -9,7 +9,7 @@ a side has no value.
 A table makes several comparisons at once (a ladder's 8 steps): holm() adjusts their p-values for that (Holm's
 step-down, statsmodels), so that a reader can tell a gain from one of the chance results k tests at 5% make.
 seeds_to_resolve() is a planning number for a comparison within noise: how many seeds a side would resolve its
-measured difference at 80% power, at its seeds' spread (a t-test's power, statsmodels).
+measured difference at 80% power, at its seeds' spreads (the power of the verdict's own test, Welch's).
 """
 from __future__ import annotations
 
@@ -87,18 +87,26 @@ def holm(ps: list[float]) -> list[float]:
     return out
 
 
-def seeds_to_resolve(a: list[float], b: list[float]) -> int | None:
-    """The fewest seeds a side (2..MAX_SEEDS) with which a two-sided t-test at ALPHA would find the difference of
-    the means of a and b with probability POWER, were that difference and their pooled spread the truth; None
-    past MAX_SEEDS, or without two values a side."""
-    from statsmodels.stats.power import TTestIndPower
+def welch_power(delta: float, var_a: float, var_b: float, n: int) -> float:
+    """The probability that Welch's two-sided test at ALPHA finds a true difference `delta` between two samples of
+    n values each, of variances var_a and var_b: the noncentral t at the Welch-Satterthwaite degrees of freedom
+    (statsmodels' ttest_power, given those df and delta / sqrt(var_a + var_b) as its effect size)."""
+    from statsmodels.stats.power import ttest_power
 
+    df = (var_a + var_b) ** 2 / ((var_a ** 2 + var_b ** 2) / (n - 1))
+    d = abs(delta) / math.sqrt(var_a + var_b)
+    upper, lower = (float(ttest_power(d, n, ALPHA / 2, df=df, alternative=side)) for side in ("larger", "smaller"))
+    return upper + (0.0 if math.isnan(lower) else lower)  # the far tail: nan where scipy's nct underflows (~0)
+
+
+def seeds_to_resolve(a: list[float], b: list[float]) -> int | None:
+    """The fewest seeds a side (2..MAX_SEEDS) with which the verdict's test (Welch's, at ALPHA) would find the
+    difference of the means of a and b with probability POWER, were that difference and their spreads the truth;
+    None past MAX_SEEDS, or without two values a side. A difference the test missed at its n gets more than n."""
     if len(a) < 2 or len(b) < 2:
         return None
-    spread = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
+    va, vb = statistics.variance(a), statistics.variance(b)
     delta = abs(statistics.fmean(a) - statistics.fmean(b))
-    if spread == 0:
+    if va == vb == 0:
         return 2 if delta else None
-    d = delta / spread
-    return next((n for n in range(2, MAX_SEEDS + 1)
-                 if TTestIndPower().power(effect_size=d, nobs1=n, alpha=ALPHA, ratio=1.0) >= POWER), None)
+    return next((n for n in range(2, MAX_SEEDS + 1) if welch_power(delta, va, vb, n) >= POWER), None)

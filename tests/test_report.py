@@ -174,6 +174,11 @@ def test_report_cli_writes_files_and_a_report_run(store, capsys):
     assert main(["--tracking-uri", uri, "--compare", "cli", "cli2", "--out", str(tmp / "out")]) == 0
     out = capsys.readouterr().out
     assert "| 1 noise | 81.50 (2) | 75.50 (2) | -6.00" in out
+    # two rows compared (the others have no runs): their p-values adjusted for each other
+    ps = [st.ttest_ind(x, y, equal_var=False).pvalue for x, y in (([70, 71], [80, 81]), ([75, 76], [81, 82]))]
+    q = holm(ps)
+    assert "p (Holm): adjusted for the 2 comparisons" in out
+    assert f"| loss | {q[0]:.2g} |" in out and f"| loss | {q[1]:.2g} |" in out
     assert main(["--tracking-uri", uri, "--experiment", "nope"]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
 

@@ -134,7 +134,7 @@ def publish(client: MlflowClient, parent: str, out: Path, figures: bool = True) 
     """The sweep's report onto its parent run: the table as its description, the files as artifacts. (Its
     numbers are not logged as metrics: the UI's charts would mix them with the jobs' curves.) A report that
     cannot be made never keeps the sweep open."""
-    from .report import render, write_files
+    from .report import more_seeds_elsewhere, render, write_files
     from .tables import build_table
 
     try:
@@ -143,6 +143,7 @@ def publish(client: MlflowClient, parent: str, out: Path, figures: bool = True) 
         if not runs:
             return
         table = build_table(runs, sweep.data.tags.get("design"))
+        table.notes += more_seeds_elsewhere(client, sweep.info.experiment_id, table)
         text = render(table, f"{table.design.name} — sweep {parent} ({len(runs)} runs)")
         files = write_files(client, table, text, out, figures)
         client.set_tag(parent, "mlflow.note.content", text)

@@ -198,6 +198,29 @@ def test_two_configurations_of_one_trick_set_are_two_rows_not_two_seeds(tmp_path
                                                   ["| 1", "noise (lr=0.01, std=0.5)", "1"]], rows
 
 
+def test_more_seeds_of_two_rungs_later_pool_with_the_ladder(tmp_path, imagefolder, capsys, tracking_db):
+    """The report's planning line answered: a ladder of 2 seeds, then 2 more seeds of its two top rungs only (the
+    design's trick sets given on the command line). That sweep's own report, on its parent run, says where the
+    other seeds are; `report --sweep all` pools them: 4 seeds of rungs 1-2, 2 of the baseline."""
+    common = [*TINY, "data=imagefolder", f"data.path={imagefolder('tar', per_class=40)}", f"data.cache_dir={tmp_path}/c",
+              f"mlflow.tracking_uri=sqlite:///{tracking_db}", "mlflow.experiment=more", "experiment=ladder",
+              "ablation.order=[flip,batchnorm]"]
+    assert run_cli([*common, "seed=0,1"], tmp_path).returncode == 0
+    res = run_cli([*common, "seed=2,3", "trick=[flip],[flip,batchnorm]"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client, runs = runs_in(tracking_db, "more")
+    later, first = client.search_runs([runs[0].info.experiment_id], f"tags.`{ROLE}` = '{SWEEP}'",
+                                      order_by=["attributes.start_time DESC"])
+    assert "more seeds" not in first.data.tags["mlflow.note.content"]
+    note = later.data.tags["mlflow.note.content"]
+    assert "(4 runs)" in note and "more seeds of 2 of these 2 configurations (up to 4 in all)" in note
+    assert report_main(["--tracking-uri", f"sqlite:///{tracking_db}", "--experiment", "more", "--sweep", "all",
+                        "--out", str(tmp_path / "r"), "--no-figures"]) == 0
+    rows = {ln.split(" | ")[1]: ln.split(" | ")[2] for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| ") and ln[2].isdigit()}
+    assert rows == {"baseline": "2", "flip": "4", "batchnorm": "4"}
+
+
 def test_errors_are_one_line_without_hydras_banner(tmp_path):
     res = run_cli(["train.epochs=0", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"], tmp_path)
     assert res.returncode == 1

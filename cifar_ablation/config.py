@@ -39,7 +39,7 @@ def validate(cfg: DictConfig) -> None:
         require(cfg, key, number(1, integer=True))
     require(cfg, "train.label_smoothing", number(0, 1, hi_open=True))
     for key in ("force", "train.amp", "train.channels_last", "train.compile", "train.checkpoint",
-                "train.cudnn_benchmark", "optim.nesterov", "mlflow.log_model"):
+                "train.cudnn_benchmark", "optim.nesterov", "mlflow.log_model", "mlflow.log_system_metrics"):
         require(cfg, key, boolean)
     require(cfg, "train.progress_every_s", number(0))
     require(cfg, "train.cuda_graph", lambda v: None if v == "auto" or isinstance(v, bool) else "auto, true or false")

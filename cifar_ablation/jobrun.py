@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .designs import rung
 from .identity import flat_params, semantic_hash
-from .tracking import JOB, MEMBER, PARENT_ENV, ROLE, owner, process_alive
+from .tracking import JOB, MEMBER, PARENT_ENV, ROLE, owner, process_alive, system_metrics
 
 log = logging.getLogger(__name__)
 SKIP, REFUSE, RESUME, CREATE = "skip", "refuse", "resume", "create"
@@ -259,8 +259,11 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
     except ValueError:  # not the main thread: leave signals to the host
         previous = None
     status, run = "FAILED", JobRun(client, run_id, resumed=old is not None, checkpoint=cfg.train.checkpoint)
+    monitor = None
     try:
         _bookkeeping(cfg, client, run_id, old)
+        if cfg.mlflow.log_system_metrics:
+            monitor = system_metrics(cfg.mlflow.tracking_uri, run_id, resumed=old is not None)
         log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
         yield run
         run.flush()  # the last checkpoint and metrics are in the store before the run says FINISHED
@@ -274,6 +277,8 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
         client.log_text(run_id, traceback.format_exc(), "traceback.txt")
         raise
     finally:
+        if monitor is not None:
+            monitor.finish()  # its last sample in the store while the run is open
         if status != "FINISHED":  # the last finished epoch's checkpoint still lands: a relaunch resumes from it
             try:
                 run.flush()

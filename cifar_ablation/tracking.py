@@ -25,6 +25,21 @@ MEMBER = "in_sweep."
 KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+def system_metrics(uri: str, run_id: str, resumed: bool) -> Any:
+    """MLflow's system metrics monitor for a job run, started (a thread that logs the machine's CPU, memory,
+    disk and network use and, through NVML, each NVIDIA GPU's utilization, memory and power as system/*
+    metrics every 10 s, or MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL): its finish() stops it. A resumed run
+    goes on from its last step. Every run of a process reports the same machine (a gang's too)."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines, once per run
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
 def client_for(uri: str) -> MlflowClient:
     """A client whose store is ready. A sqlite store is created (schema, migrations) under a file lock beside it:
     MLflow's own creation is not safe when several launchers start at once on a new store (it fails with

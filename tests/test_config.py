@@ -163,6 +163,7 @@ BAD = [
     ("seed=-1", "trick=[]", "seed", ">= 0"),
     ("data.subset=3", "trick=[]", "data.subset", ">= 10"),
     ("train.amp=maybe", "trick=[]", "train.amp", "true or false"),
+    ("mlflow.log_system_metrics=sometimes", "trick=[]", "mlflow.log_system_metrics", "true or false"),
     ("jobs_per_device=0", "trick=[]", "jobs_per_device", "integer >= 1"),
     ("ablation.order=[noise,noise]", "trick=[]", "ablation.order", "without repeats"),
     ("ablation.fraction=7", "trick=[]", "ablation.fraction", "one of 3, 4, 5"),

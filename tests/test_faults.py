@@ -27,7 +27,7 @@ def slow_data(imagefolder, tmp_path) -> list[str]:
     return [f"data.path={imagefolder('tar', per_class=300)}", f"data.cache_dir={tmp_path}/cache"]
 
 
-def start(args: list[str], cwd, own_group: bool = False) -> subprocess.Popen:
+def start(args: list[str], cwd, own_group: bool = False, env: dict | None = None) -> subprocess.Popen:
     """The CLI as a child process that takes Ctrl-C as a terminal's foreground job does, even where the tests
     run in the background (a shell starts background jobs with SIGINT ignored, and children inherit that).
     own_group: in a new process group, as a terminal gives its foreground job, so that os.killpg(proc.pid,
@@ -36,7 +36,7 @@ def start(args: list[str], cwd, own_group: bool = False) -> subprocess.Popen:
         if own_group:
             os.setsid()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "cifar_ablation", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=foreground)
 
@@ -51,11 +51,20 @@ def wait_for(proc: subprocess.Popen, text: str, timeout: float = 180) -> str:
     raise AssertionError(f"process ended before printing {text!r}:\n" + "".join(seen))
 
 
+SAMPLE_EVERY_S = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # MLflow's system metrics: each second
+CPU_USE = "system/cpu_utilization_percentage"
+
+
 def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data, tracking_db):
     db = tracking_db
     args = [*SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}"]
-    proc = start([*args, "mlflow.experiment=resume"], tmp_path)
+    proc = start([*args, "mlflow.experiment=resume"], tmp_path, env=SAMPLE_EVERY_S)
     wait_for(proc, "epoch 2/4")
+    client, (run,) = runs_in(db, "resume")
+    for _ in range(100):  # its system metrics' first sample (each second) before the kill
+        if client.get_metric_history(run.info.run_id, CPU_USE):
+            break
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     client, runs = runs_in(db, "resume")
@@ -63,7 +72,8 @@ def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data,
     killed = runs[0].info.run_id
     assert len(client.get_metric_history(killed, "val_acc")) < 4
 
-    again = run_cli([*args, "mlflow.experiment=resume"], tmp_path)
+    before = client.get_metric_history(killed, CPU_USE)
+    again = run_cli([*args, "mlflow.experiment=resume"], tmp_path, env=SAMPLE_EVERY_S)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming interrupted run " + killed in again.stdout + again.stderr
     client, runs = runs_in(db, "resume")
@@ -71,9 +81,16 @@ def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data,
     for key in ("val_acc", "train_loss", "lr"):
         assert sorted(m.step for m in client.get_metric_history(killed, key)) == [1, 2, 3, 4], key
 
-    ref = run_cli([*args, "mlflow.experiment=reference"], tmp_path)
+    # MLflow's system metrics: sampled before the kill and after the relaunch, which went on from the last step
+    steps = [m.step for m in client.get_metric_history(killed, CPU_USE)]
+    assert before and len(steps) > len(before) and sorted(steps) == list(range(len(steps))), (before, steps)
+    assert {"system/system_memory_usage_megabytes", "system/disk_usage_percentage"} <= set(runs[0].data.metrics)
+
+    ref = run_cli([*args, "mlflow.experiment=reference", "mlflow.log_system_metrics=false"], tmp_path,
+                  env=SAMPLE_EVERY_S)
     assert ref.returncode == 0, ref.stderr[-3000:]
     _, (reference,) = runs_in(db, "reference")
+    assert not [k for k in reference.data.metrics if k.startswith("system/")]  # switched off
     resumed = client.get_run(killed)
     for key in ("val_acc", "val_loss", "train_acc", "train_loss"):
         assert resumed.data.metrics[key] == reference.data.metrics[key], key  # exact, on CPU

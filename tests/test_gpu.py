@@ -18,7 +18,7 @@ from cifar_ablation.steps import WARMUP
 from cifar_ablation.train import setup, train
 
 from .conftest import JPEG_ARCHIVE, run_cli, runs_in
-from .test_faults import start, wait_for
+from .test_faults import SAMPLE_EVERY_S, start, wait_for
 from .test_steps import TOP, mark_accumulators
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA paths need a CUDA device")
@@ -199,17 +199,22 @@ def test_a_killed_cuda_run_resumes_on_the_graph_path(tmp_path, jpeg_cache, track
     db = tracking_db
     args = [*CUDA, f"data.cache_dir={jpeg_cache}", "trick=[batchnorm,flip]", "train.epochs=6",
             f"mlflow.tracking_uri=sqlite:///{db}"]
-    proc = start([*args, "mlflow.experiment=resume"], tmp_path)
+    proc = start([*args, "mlflow.experiment=resume"], tmp_path, env=SAMPLE_EVERY_S)
     wait_for(proc, "epoch 3/6")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    again = run_cli([*args, "mlflow.experiment=resume"], tmp_path)
+    again = run_cli([*args, "mlflow.experiment=resume"], tmp_path, env=SAMPLE_EVERY_S)
     assert again.returncode == 0, again.stderr[-3000:]
     out = again.stdout + again.stderr
     assert "resuming from the checkpoint of epoch" in out and "captured as a CUDA graph" in out
     client, (run,) = runs_in(db, "resume")
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3, 4, 5, 6]
+    # MLflow's system metrics read the GPU through NVML: its use, memory and power beside the CPU's
+    gpu = {k: v for k, v in run.data.metrics.items() if k.startswith("system/gpu_0_")}
+    print("its last system metrics of the GPU:", gpu)
+    assert {"system/gpu_0_utilization_percentage", "system/gpu_0_memory_usage_megabytes"} <= set(gpu)
+    assert gpu["system/gpu_0_memory_usage_megabytes"] > 100  # this run's own tensors and CUDA context at least
     ref = run_cli([*args, "mlflow.experiment=reference"], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     _, (reference,) = runs_in(db, "reference")

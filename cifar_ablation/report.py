@@ -75,7 +75,7 @@ def sweep_table(client, experiment: str, sweep: str, design: str | None) -> tupl
 def more_seeds_elsewhere(client, exp_id: str, table: Table) -> list[str]:
     """A note when other sweeps of the experiment ran more seeds of this table's configurations (seeds added
     later, `seed=3,4`): `--sweep all` pools them."""
-    n_all = {g.key: len(g.runs) for gs in configurations(load_sweep(client, exp_id, "all")[1]).values() for g in gs}
+    n_all = {g.key: len(g.runs) for gs in configurations(load_sweep(client, exp_id, "all")[1])[0].values() for g in gs}
     here = [g for gs in table.groups.values() for g in gs]
     more = [n_all[g.key] for g in here if n_all.get(g.key, 0) > len(g.runs)]
     if not more:

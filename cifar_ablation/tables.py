@@ -123,10 +123,10 @@ def counts(run: Any) -> bool:
     return run.info.status == "FINISHED" and "val_acc" in run.data.metrics
 
 
-def configurations(runs) -> dict[tuple, list[Group]]:
-    """The configurations of the runs a table counts, by trick set (groups.group_runs)."""
+def configurations(runs) -> tuple[dict[tuple, list[Group]], list[str]]:
+    """The configurations of the runs a table counts, by trick set, and notes on repeated seeds (groups.group_runs)."""
     finished = [r for r in runs if counts(r)]
-    return group_runs(finished, [tuple(parse_tricks(r.data.tags.get("tricks"))) for r in finished])[0]
+    return group_runs(finished, [tuple(parse_tricks(r.data.tags.get("tricks"))) for r in finished])
 
 
 def build_table(runs, design: str | None = None) -> Table:
@@ -136,7 +136,6 @@ def build_table(runs, design: str | None = None) -> Table:
     slide: dict[str, float] = {}
     designs: list[str] = []
     tried: set[tuple] = set()  # every trick set with a run, finished or not
-    finished, trick_sets = [], []
     for r in runs:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
         if not order and "ablation.order" in params:
@@ -144,15 +143,11 @@ def build_table(runs, design: str | None = None) -> Table:
             fraction = ast.literal_eval(params.get("ablation.fraction", "None"))
             slide = {k.split(".")[-1]: float(v) for k, v in params.items() if k.startswith("ablation.slide.")}
         designs.append(tags.get("design", SINGLE))
-        tricks = tuple(parse_tricks(tags.get("tricks")))
-        tried.add(tricks)
+        tried.add(tuple(parse_tricks(tags.get("tricks"))))
         if not counts(r):
             ignored.append(f"{r.info.run_id} [{tags.get('tricks')} seed {tags.get('seed')}] {r.info.status}: "
                            f"{tags.get('failure_reason', 'no val_acc logged')}")
-            continue
-        finished.append(r)
-        trick_sets.append(tricks)
-    groups, notes = group_runs(finished, trick_sets)
+    groups, notes = configurations(runs)
     if design is None:
         design = max(set(designs), key=designs.count) if designs else "ladder"
     inferred = ""
@@ -166,7 +161,7 @@ def build_table(runs, design: str | None = None) -> Table:
         if order or inferred else []
     rows = [row for spec in specs for row in _rows(spec, specs, groups, d, slide)]
     rows = [replace(r, p_holm=q) for r, q in zip(rows, holm([r.p_value for r in rows]))]
-    sources = sorted({data_of(r) for r in finished})
+    sources = sorted({data_of(r) for r in runs if counts(r)})
     wanted = [spec.tricks for spec in specs]
     missing = [",".join(k) or "baseline" for k in wanted if k not in groups]
     extra = [",".join(k) or "baseline" for k in groups if k not in wanted]

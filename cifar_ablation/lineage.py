@@ -131,25 +131,31 @@ def earlier_model(client: MlflowClient, exp_id: str, run_id: str) -> str | None:
 
 def log_trained_model(client: MlflowClient, uri: str, exp_id: str, run_id: str, net: nn.Module, images: Images,
                       step: int) -> str:
-    """Log `net` (the run's trained weights) as the run's model; the run's metrics at `step` (its last epoch)
-    become the model's. Returns the model id."""
+    """Log `net` (the run's trained weights) as the run's model, linked to the run with the run's metrics at
+    `step` (its last epoch) as the model's; a relaunch finds the model logged before and completes its links.
+    Returns the model id."""
+    run = client.get_run(run_id)  # its last epoch's metrics flushed before
+    model_id = earlier_model(client, exp_id, run_id) or save_model(client, uri, exp_id, run, net, images)
+    link_to_run(client, run, model_id, step, images)
+    return model_id
+
+
+def save_model(client: MlflowClient, uri: str, exp_id: str, run: Any, net: nn.Module, images: Images) -> str:
+    """The net as a new READY LoggedModel of the run's (pt2 behind the normalization, signature, example,
+    metadata, the run's params and its identifying tags). Returns its id."""
     import mlflow
     import mlflow.pytorch
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    earlier = earlier_model(client, exp_id, run_id)
-    if earlier is not None:
-        return earlier
     model = for_inference(net, images)
     x = images.test_x[:2]  # two: the exported model keeps the batch size free only with an example of more than one
     with torch.no_grad():
         out = model(x)
     signature = ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, *x.shape[1:]))]),
                                Schema([TensorSpec(np.dtype(np.float32), (-1, out.shape[1]))]))
-    run = client.get_run(run_id)
     keep = ("tricks", "seed", "rung", "trick_added", "config_hash", "git_commit", "data_source", "data_checksum")
-    made = client.create_logged_model(exp_id, name=NAME, source_run_id=run_id, params=run.data.params,
+    made = client.create_logged_model(exp_id, name=NAME, source_run_id=run.info.run_id, params=run.data.params,
                                       tags={k: v for k, v in run.data.tags.items() if k in keep})
     with fluent_store(uri):  # not given the run: MLflow would link the run's metrics without their datasets
         mlflow.pytorch.log_model(
@@ -157,23 +163,27 @@ def log_trained_model(client: MlflowClient, uri: str, exp_id: str, run_id: str, 
             input_example=x.numpy(), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             metadata={"classes": list(images.classes), "input": "uint8 images (N, C, H, W), unnormalized",
                       "data_source": images.source, "data_checksum": images.checksum})
-    client.log_outputs(run_id, [LoggedModelOutput(made.model_id, step=step)])
-    link_metrics(client, run_id, made.model_id, step, images)
     return made.model_id
 
 
-def link_metrics(client: MlflowClient, run_id: str, model_id: str, step: int, images: Images) -> None:
-    """The run's metrics at `step` become the model's, each against the split it measures (val_*: the validation
-    split, train_*: the training split; the rest against none): the Models tab lists them under their datasets.
-    (What mlflow's log_model does given the run and a step, there without datasets: run metrics keep none.)"""
+def link_to_run(client: MlflowClient, run: Any, model_id: str, step: int, images: Images) -> None:
+    """The model as the run's output at `step`, and the run's metrics at `step` as the model's, each against the
+    split it measures (val_*: the validation split, train_*: the training split; the rest against none): the
+    Models tab lists them under their datasets. (mlflow's log_model does this given the run and a step, but
+    without datasets: run metrics keep none.) Once: the output, written last, says it was done; the metrics'
+    rows are kept once however often they are written."""
+    run_id = run.info.run_id
+    if model_id in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
+        return
     names = split_names(images)
     by_prefix = {"val_": names["test"], "train_": names["train"]}
     metrics = []
-    for key in client.get_run(run_id).data.metrics:
+    for key in run.data.metrics:
         ds = next((v for k, v in by_prefix.items() if key.startswith(k)), (None, None))
         metrics += [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, dataset_name=ds[0],
                            dataset_digest=ds[1]) for m in client.get_metric_history(run_id, key) if m.step == step]
     client.log_batch(run_id, metrics=metrics)  # the run's own rows are these already: kept once
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=step)])
 
 
 def log_or_warn(run: Any, uri: str, exp_id: str, net: nn.Module, images: Images, step: int) -> None:

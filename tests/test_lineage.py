@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from cifar_ablation.data import load_images
 from cifar_ablation.lineage import (CIFAR10_URL, NAME, datasets, fluent_store, for_inference, log_inputs,
-                                    log_trained_model)
+                                    log_trained_model, save_model)
 from cifar_ablation.model import Arch, build_model
 from cifar_ablation.train import build
 
@@ -133,6 +133,15 @@ def test_one_model_per_run_whatever_came_between(tmp_path, imagefolder, tracking
     models = client.search_logged_models([exp])
     assert [(m.model_id, m.status) for m in models] == [(first, LoggedModelStatus.READY)]
     assert first != unfinished
+    # a kill after the model was saved and before it was linked to its run: the relaunch links it, once
+    other = client.create_run(exp).info.run_id
+    client.log_metric(other, "val_acc", 0.5, step=1)
+    saved = save_model(client, uri, exp, client.get_run(other), net, images)
+    assert client.get_run(other).outputs.model_outputs == []
+    for _ in range(2):
+        assert log_trained_model(client, uri, exp, other, net, images, step=1) == saved
+        assert [o.model_id for o in client.get_run(other).outputs.model_outputs] == [saved]
+        assert [(x.key, x.value) for x in client.get_logged_model(saved).metrics] == [("val_acc", 0.5)]
 
 
 def test_a_model_that_cannot_be_logged_leaves_the_run_finished_saying_why(tmp_path, imagefolder, tracking_db):

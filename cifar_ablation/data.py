@@ -1,32 +1,23 @@
 """Images in, device batches out.
 
 load_images() reads CIFAR-10 (torchvision's format, downloaded when possible) or an image folder / archive
-laid out train/<class>/*, test/<class>/*, decodes it once into a uint8 tensor cache keyed by the source's
-checksum, and returns it (optionally a stratified subset). DeviceLoader holds a split whole on the device
-and yields normalized, shuffled, augmented batches in a few batched tensor ops, airbench-style.
+laid out train/<class>/*, test/<class>/*, decoded once into a uint8 tensor cache keyed by the source's
+checksum (sources.py), and returns it (optionally a stratified subset). DeviceLoader holds a split whole on
+the device and yields normalized, shuffled, augmented batches in a few batched tensor ops, airbench-style.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import pickle
-import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .checks import UserError
-log = logging.getLogger(__name__)
-SPLITS = ("train", "test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-CACHE_VERSION = 1
+from .sources import (CIFAR10_FILES, CIFAR10_FOLDER, DataError, cached, cifar10_missing, decode_imagefolder,
+                      ensure_cifar10, read_cifar10_batches, sha256_files)
 
-
-class DataError(UserError):
-    """The data cannot be read as asked; the message says what to do."""
+__all__ = ["DataError", "DeviceLoader", "Images", "Normalize", "load_images", "stratified_subset"]
 
 
 @dataclass
@@ -62,132 +53,6 @@ def abspath(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
-# --- sources ---------------------------------------------------------------------------------------------
-
-def sha256_files(paths: list[Path], root: Path | None = None) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        if root is not None:
-            h.update(str(p.relative_to(root)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _member_key(name: str) -> tuple[str, str, str] | None:
-    """(split, class, file) for an image at [prefix/]split/class/file; None for anything else."""
-    parts = PurePosixPath(name).parts
-    for i in range(len(parts) - 2):
-        if parts[i] in SPLITS and len(parts) - i == 3 and name.lower().endswith(IMAGE_SUFFIXES):
-            return parts[i], parts[i + 1], parts[i + 2]
-    return None
-
-
-def _archive_members(path: Path) -> Iterator[tuple[tuple[str, str, str], bytes]]:
-    with tarfile.open(path, "r:*") as tar:
-        for m in tar:
-            name = m.name
-            if name.startswith("/") or ".." in PurePosixPath(name).parts:
-                raise DataError(f"refusing archive {path}: member {name!r} points outside the archive")
-            if m.issym() or m.islnk():
-                raise DataError(f"refusing archive {path}: member {name!r} is a link")
-            key = _member_key(name)
-            if key and m.isfile():
-                yield key, tar.extractfile(m).read()
-
-
-def _folder_members(path: Path) -> Iterator[tuple[tuple[str, str, str], bytes]]:
-    for split in SPLITS:
-        for f in sorted((path / split).glob("*/*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-                yield (split, f.parent.name, f.name), f.read_bytes()
-
-
-def decode_imagefolder(path: Path) -> dict[str, Any]:
-    from torchvision.io import ImageReadMode, decode_image  # torchvision is slow to import: only on a cache miss
-
-    members = _archive_members(path) if path.is_file() else _folder_members(path)
-    items: dict[str, list[tuple[str, str, torch.Tensor]]] = {s: [] for s in SPLITS}
-    try:
-        for (split, cls, name), raw in members:
-            img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            items[split].append((cls, name, img))
-    except (tarfile.TarError, EOFError, OSError, RuntimeError) as e:  # RuntimeError: undecodable image
-        raise DataError(f"cannot read {path}: {e} (truncated or corrupt? re-copy it)") from e
-    classes = sorted({c for c, _, _ in items["train"]})
-    if not classes or not items["test"]:
-        raise DataError(f"{path} holds no images laid out train/<class>/* and test/<class>/* "
-                        f"(found {len(items['train'])} train, {len(items['test'])} test images)")
-    out: dict[str, Any] = {"classes": classes}
-    for split in SPLITS:
-        rows = sorted(items[split], key=lambda r: (r[0], r[1]))
-        unknown = {c for c, _, _ in rows} - set(classes)
-        if unknown:
-            raise DataError(f"{path}: test classes {sorted(unknown)} have no training images")
-        shapes = {tuple(img.shape) for _, _, img in rows}
-        if len(shapes) != 1:
-            raise DataError(f"{path}: images of several sizes {sorted(shapes)[:3]}...; all must be equal")
-        out[f"{split}_x"] = torch.stack([img for _, _, img in rows])
-        out[f"{split}_y"] = torch.tensor([classes.index(c) for c, _, _ in rows], dtype=torch.int64)
-    return out
-
-
-def read_cifar10_batches(folder: Path) -> dict[str, Any]:
-    """torchvision's CIFAR-10 python format: pickled dicts of 'data' (N x 3072 uint8) and 'labels'."""
-    def read(name: str) -> dict:
-        with open(folder / name, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    out: dict[str, Any] = {"classes": list(read("batches.meta")["label_names"])}
-    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
-        batches = [read(n) for n in names]
-        out[f"{split}_x"] = torch.cat([torch.from_numpy(b["data"]).view(-1, 3, 32, 32) for b in batches])
-        out[f"{split}_y"] = torch.tensor([y for b in batches for y in b["labels"]], dtype=torch.int64)
-    return out
-
-
-def download_cifar10(root: Path) -> None:
-    """torchvision downloads, checks (md5) and unpacks cifar-10-batches-py under root."""
-    from torchvision.datasets import CIFAR10
-    try:
-        CIFAR10(str(root), train=True, download=True)
-    except Exception as e:  # URLError offline, HTTP errors, md5 mismatch
-        raise DataError(
-            f"CIFAR-10 is not under {root} and could not be downloaded ({type(e).__name__}: {e}). Offline? "
-            "Put torchvision's cifar-10-batches-py under data.root=DIR, or train from a local copy laid out "
-            "train/<class>/*, test/<class>/*: data=imagefolder data.path=PATH "
-            "(e.g. data.path=../shared/data/cifar10-jpeg.tar.gz).") from e
-
-
-# --- cache ------------------------------------------------------------------------------------------------
-
-def tensor_digest(t: dict[str, Any]) -> str:
-    h = hashlib.sha256()
-    for k in ("train_x", "train_y", "test_x", "test_y"):
-        h.update(t[k].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def cached(cache_file: Path, decode: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Load the decoded tensors from cache_file, verifying their digest; (re)build it when absent or corrupt."""
-    if cache_file.exists():
-        try:
-            t = torch.load(cache_file, weights_only=True)
-            if t.get("version") == CACHE_VERSION and t.get("digest") == tensor_digest(t):
-                return t
-            log.warning("cache %s failed its checksum; rebuilding it", cache_file)
-        except Exception as e:  # truncated or not a torch file
-            log.warning("cache %s is unreadable (%s); rebuilding it", cache_file, e)
-    log.info("decoding images once into %s", cache_file)
-    t = decode()
-    t["version"], t["digest"] = CACHE_VERSION, tensor_digest(t)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-    torch.save(t, tmp)
-    os.replace(tmp, cache_file)  # atomic: concurrent jobs never read a half-written cache
-    return t
-
-
 def stratified_subset(y: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of the first n images taking classes in turn: the first ~n/K of every class, in index order."""
     rank = torch.empty_like(y)
@@ -202,15 +67,16 @@ def load_images(data_cfg: Any) -> Images:
     cache_dir = abspath(data_cfg.cache_dir)
     if data_cfg.name == "cifar10":
         root = abspath(data_cfg.root)
-        folder = root / "cifar-10-batches-py"
-        if not (folder / "test_batch").exists():
-            if not data_cfg.download:
-                raise DataError(f"CIFAR-10 is not under {root} (no {folder}/test_batch) and data.download=false. "
-                                "Set data.download=true, point data.root at the folder holding cifar-10-batches-py, "
-                                "or use a local image copy: data=imagefolder data.path=PATH "
-                                "(e.g. data.path=../shared/data/cifar10-jpeg.tar.gz).")
-            download_cifar10(root)
-        files = sorted(folder.glob("*batch*"))
+        missing = cifar10_missing(root)
+        if missing and not data_cfg.download:
+            raise DataError(f"CIFAR-10 is not under {root} ({CIFAR10_FOLDER}/ lacks {', '.join(missing)}) and "
+                            f"data.download=false. Set data.download=true, point data.root at the folder holding "
+                            f"{CIFAR10_FOLDER}, or use a local image copy: data=imagefolder data.path=PATH "
+                            "(e.g. data.path=../shared/data/cifar10-jpeg.tar.gz).")
+        if missing:
+            ensure_cifar10(root)
+        folder = root / CIFAR10_FOLDER
+        files = [folder / n for n in CIFAR10_FILES]
         checksum, source = sha256_files(files, root), f"cifar10:{root}"
         cache_file, decode = cache_dir / f"cifar10-{checksum[:16]}.pt", lambda: read_cifar10_batches(folder)
     else:

@@ -137,7 +137,7 @@ def build_table(runs, design: str | None = None) -> Table:
     designs: list[str] = []
     tried: set[tuple] = set()  # every trick set with a run, finished or not
     for r in runs:
-        tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+        tags, params = r.data.tags, r.data.params
         if not order and "ablation.order" in params:
             order = list(ast.literal_eval(params["ablation.order"]))
             fraction = ast.literal_eval(params.get("ablation.fraction", "None"))

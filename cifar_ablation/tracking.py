@@ -6,12 +6,12 @@ launcher never share fluent "active run" state.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
@@ -48,8 +48,7 @@ def client_for(uri: str) -> MlflowClient:
         return MlflowClient(tracking_uri=uri)
     db = Path(uri[len("sqlite:///"):]).expanduser()
     db.parent.mkdir(parents=True, exist_ok=True)  # MLflow 3.17 makes it itself; older releases in our range may not
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with FileLock(db.with_name(db.name + ".lock")):
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # the store's creation or upgrade happens here, one process at a time
     return client

@@ -2,6 +2,7 @@
 the real JPEG CIFAR-10 mirror, and a runner for the real CLI."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import os
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,18 +120,80 @@ def imagefolder(tmp_path):
     return lambda kind="dir", per_class=20: make_imagefolder(tmp_path, kind, per_class)
 
 
-@pytest.fixture
-def cifar10_root(tmp_path) -> Path:
-    """torchvision's cifar-10-batches-py layout, with 10 random images per batch file."""
-    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+def write_cifar10(folder: Path, per_batch: int = 10) -> None:
+    """torchvision's cifar-10-batches-py files in folder, with per_batch random images in each batch file."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
-        batch = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, 10))}
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": list(rng.integers(0, 10, per_batch))}
         (folder / name).write_bytes(pickle.dumps(batch))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+
+
+@pytest.fixture
+def cifar10_root(tmp_path) -> Path:
+    """torchvision's cifar-10-batches-py layout, with 10 random images per batch file."""
+    write_cifar10(tmp_path / "cifar" / "cifar-10-batches-py")
     return tmp_path / "cifar"
+
+
+class ArchiveServer:
+    """A local HTTP server standing in for CIFAR-10's site: it serves `body` at /cifar-10-python.tar.gz (after
+    `delay` seconds, as a slow network would) and counts the downloads."""
+
+    def __init__(self, body: bytes, delay: float = 0.0):
+        import http.server
+        import threading
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+
+            def do_GET(self):
+                if self.headers.get("Method") == "HEAD":  # torchvision's look for redirects: a GET saying so
+                    return self.do_HEAD()
+                with server.lock:
+                    server.gets += 1
+                time.sleep(server.delay)
+                self.do_HEAD()
+                self.wfile.write(server.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.body, self.delay, self.gets, self.lock = body, delay, 0, threading.Lock()
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/cifar-10-python.tar.gz"
+        self.md5 = hashlib.md5(body).hexdigest()
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def cifar10_site(tmp_path):
+    """make(per_batch=10, delay=0, drop=()) -> an ArchiveServer serving CIFAR-10's archive in torchvision's
+    format (cifar-10-batches-py/..., random images; `drop` leaves files out)."""
+    servers = []
+
+    def make(per_batch: int = 10, delay: float = 0.0, drop: tuple[str, ...] = ()) -> ArchiveServer:
+        folder = tmp_path / f"site{len(servers)}" / "cifar-10-batches-py"
+        write_cifar10(folder, per_batch)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for f in sorted(folder.iterdir()):
+                if f.name not in drop:
+                    tar.add(f, arcname=f"cifar-10-batches-py/{f.name}")
+        servers.append(ArchiveServer(buf.getvalue(), delay))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.httpd.shutdown()
 
 
 @pytest.fixture(scope="session")

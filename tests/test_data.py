@@ -50,6 +50,61 @@ def test_cifar10_absent_offline_says_how_to_use_a_local_copy(tmp_path):
         load_images(data_cfg(tmp_path, name="cifar10", root=str(tmp_path / "none"), download=False))
 
 
+def from_site(monkeypatch, site) -> None:
+    """torchvision's CIFAR-10 download pointed at a local stand-in for its site (URL and the archive's md5)."""
+    from torchvision.datasets import CIFAR10
+    monkeypatch.setattr(CIFAR10, "url", site.url)
+    monkeypatch.setattr(CIFAR10, "tgz_md5", site.md5)
+
+
+def test_cifar10_is_downloaded_by_torchvision_once_and_unpacked_whole(tmp_path, cifar10_site, monkeypatch):
+    """data=cifar10 on a new machine: torchvision fetches the archive, checks its md5 and unpacks it; an
+    incomplete folder left there (a copy cut short) is replaced whole; the next job downloads nothing."""
+    site = cifar10_site(per_batch=8)
+    from_site(monkeypatch, site)
+    root = tmp_path / "data"
+    (root / "cifar-10-batches-py").mkdir(parents=True)
+    (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half a file")
+    images = load_images(data_cfg(tmp_path, name="cifar10", root=str(root), download=True))
+    assert site.gets == 1
+    assert images.train_x.shape == (40, 3, 32, 32) and images.test_x.shape == (8, 3, 32, 32)
+    assert images.source == f"cifar10:{root}" and images.classes[0] == "c0"
+    assert sorted(p.name for p in root.iterdir()) == [".cifar-10.lock", "cifar-10-batches-py",
+                                                       "cifar-10-python.tar.gz"]  # no unpacking folder left
+    again = load_images(data_cfg(tmp_path, name="cifar10", root=str(root), download=True,
+                                 cache_dir=str(tmp_path / "cache2")))
+    assert site.gets == 1 and torch.equal(again.train_x, images.train_x) and again.checksum == images.checksum
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "incomplete", "offline"])
+def test_a_failed_cifar10_download_is_a_clear_error_and_leaves_no_folder(tmp_path, cifar10_site, monkeypatch,
+                                                                         fault):
+    site = cifar10_site(drop=("test_batch",) if fault == "incomplete" else ())
+    from_site(monkeypatch, site)
+    if fault == "corrupt":  # what a download cut short looks like to torchvision: the wrong md5
+        from torchvision.datasets import CIFAR10
+        monkeypatch.setattr(CIFAR10, "tgz_md5", "0" * 32)
+    if fault == "offline":
+        site.httpd.shutdown()
+        site.httpd.server_close()
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as e:
+        load_images(data_cfg(tmp_path, name="cifar10", root=str(root), download=True))
+    expect = {"corrupt": "could not be downloaded (RuntimeError: File not found or corrupted.)",
+              "incomplete": "unpacked without ['test_batch']", "offline": "could not be downloaded (URLError"}
+    assert expect[fault] in str(e.value)
+    if fault != "incomplete":
+        assert "Offline? " in str(e.value) and "data=imagefolder data.path=" in str(e.value)
+    assert not (root / "cifar-10-batches-py").exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".unpacking")]
+
+
+def test_cifar10_partly_there_without_download_names_what_is_missing(tmp_path, cifar10_root):
+    (cifar10_root / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"lacks data_batch_3\) and data\.download=false"):
+        load_images(data_cfg(tmp_path, name="cifar10", root=str(cifar10_root), download=False))
+
+
 def test_decoded_once_then_read_from_cache(tmp_path, imagefolder):
     path = imagefolder("tar")
     cfg = data_cfg(tmp_path, path=str(path))

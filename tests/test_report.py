@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 import statistics
 
 import numpy as np
@@ -69,6 +70,12 @@ def test_compare_is_welch_with_verdicts():
     assert compare([], b).verdict == "missing"
     # no spread on either side: the difference is exact, and a verdict all the same
     assert (compare([2.0, 2.0], [1.0, 1.0]).lo, compare([2.0, 2.0], [1.0, 1.0]).verdict) == (1.0, "gain")
+    # one side without spread (two seeds that agree to the image): Welch's test as usual, and no warning of
+    # scipy's (its "precision loss" was the report's first line): the values are exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = compare([22.4, 27.0], [41.9, 41.9])
+    assert one.p == pytest.approx(2 * st.t.sf(abs(one.delta) / (statistics.stdev([22.4, 27.0]) / 2 ** 0.5), 1))
 
 
 def test_holm_adjusts_the_family_and_leaves_out_what_has_no_p():

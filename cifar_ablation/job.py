@@ -49,6 +49,7 @@ def job_steps(cfg: DictConfig):
     from .jobrun import SKIP, claim, job_run, join_sweep
     from .lineage import log_datasets, log_or_warn
     from .tracking import open_experiment
+    from .steps import device_tags
     from .train import build, pick_device, training
 
     apply_trick_params(cfg)  # ablation.params into the chosen tricks
@@ -66,7 +67,8 @@ def job_steps(cfg: DictConfig):
         job_num = OmegaConf.select(HydraConfig.get(), "job.num", default=0)  # unset outside a multirun
         device = pick_device(cfg.device, job_num or 0)
         run.set_tags({"data_source": images.source, "data_checksum": images.checksum, "device": device,
-                      "train_images": len(images.train_y), "val_images": len(images.test_y)})
+                      "train_images": len(images.train_y), "val_images": len(images.test_y),
+                      **device_tags(cfg, device)})
         log_datasets(client, run.run_id, images)
         start, last = run.start_state(), {}
 

@@ -235,6 +235,35 @@ def fused_adam_captures(cls: type, device: torch.device) -> bool:
         return False
 
 
+def bf16_autocast(cfg: Any, device: torch.device) -> bool:
+    """train.amp's bf16 autocast: on CUDA devices of compute capability 8.0 or more (Ampere on), whose cuDNN
+    convolves in bf16. On older GPUs (a T4, a V100: 7.x) bf16 is emulated or refused, so they train in float32,
+    saying so once per process; the run's `precision` tag records which."""
+    if device.type != "cuda" or not cfg.train.amp:
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return True
+    _warn_once(f"train.amp: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no "
+               "native bf16 (cuDNN's bf16 convolutions need 8.0 or more): training in float32")
+    return False
+
+
+def device_tags(cfg: Any, device: torch.device) -> dict[str, str]:
+    """A run's `precision` (bf16 autocast or float32) and, on CUDA, its `gpu` (name and compute capability):
+    runs from an H100 and a T4 told apart in MLflow."""
+    tags = {"precision": "bf16 autocast" if bf16_autocast(cfg, device) else "float32"}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        tags["gpu"] = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return tags
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
 def graph_blocker(cfg: Any, device: torch.device) -> str | None:
     """Why this run cannot capture its step (None: it can)."""
     if device.type != "cuda":

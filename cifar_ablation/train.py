@@ -26,7 +26,7 @@ from . import tricks
 from .checks import ConfigError
 from .data import DeviceLoader, Images
 from .model import Arch, build_model, count_parameters
-from .steps import EagerStep, captures, fused_adam_captures, make_step
+from .steps import EagerStep, bf16_autocast, captures, fused_adam_captures, make_step
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Parts:
     val_loader: DeviceLoader
     fmt: torch.memory_format
     tricks: dict                  # the chosen tricks' parameters as plain values (tricks.plain), for every step
-    amp: bool                     # bf16 autocast: train.amp on CUDA
+    amp: bool                     # bf16 autocast: train.amp on a CUDA device with native bf16 (steps.bf16_autocast)
     step: EagerStep | None = None  # the training step (steps.py): eager, or captured as a CUDA graph
 
     def autocast(self):
@@ -140,7 +140,7 @@ def setup(cfg: Any, images: Images, device: torch.device) -> Parts:
     opt, sched = make_optimizer(model, cfg.optim, cfg.train.epochs * len(train_loader), graph=capture)
     forward = torch.compile(model) if cfg.train.compile else model
     p = Parts(cfg, device, model, forward, opt, sched, gen, train_loader, val_loader, fmt, params,
-              amp=device.type == "cuda" and bool(cfg.train.amp))
+              amp=bf16_autocast(cfg, device))
     p.step = make_step(p, capture)
     return p
 

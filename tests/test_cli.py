@@ -22,6 +22,7 @@ def assert_tiny_job_run(client, r, parent) -> None:
     assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id == r.data.tags["sweep_id"]
     assert r.data.tags["rung"] == str(len(r.data.tags["tricks"].split(",")) if r.data.tags["tricks"] != "baseline" else 0)
     assert r.data.tags["data_checksum"] and r.data.tags["git_commit"] and r.data.tags["config_hash"]
+    assert r.data.tags["device"] == "cpu" and r.data.tags["precision"] == "float32" and "gpu" not in r.data.tags
     assert r.data.params["train.epochs"] == "2" and r.data.params["model.widths"] == "[8, 16]"
     assert METRICS <= set(r.data.metrics)
     history = client.get_metric_history(r.info.run_id, "val_acc")

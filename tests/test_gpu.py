@@ -215,6 +215,8 @@ def test_a_killed_cuda_run_resumes_on_the_graph_path(tmp_path, jpeg_cache, track
     print("its last system metrics of the GPU:", gpu)
     assert {"system/gpu_0_utilization_percentage", "system/gpu_0_memory_usage_megabytes"} <= set(gpu)
     assert gpu["system/gpu_0_memory_usage_megabytes"] > 100  # this run's own tensors and CUDA context at least
+    assert run.data.tags["precision"] == "bf16 autocast"  # an H100 or H200: compute capability 9.0
+    assert run.data.tags["gpu"] == f"{torch.cuda.get_device_name(0)} (compute capability 9.0)", run.data.tags
     ref = run_cli([*args, "mlflow.experiment=reference"], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     _, (reference,) = runs_in(db, "reference")

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from cifar_ablation.checks import ConfigError
 from cifar_ablation.config import validate
 from cifar_ablation.data import Images
-from cifar_ablation.steps import EagerStep, GraphStep, graph_blocker
+from cifar_ablation.steps import EagerStep, GraphStep, bf16_autocast, device_tags, graph_blocker
 from cifar_ablation.train import make_optimizer, run_through, setup, train_epoch
 
 from .conftest import CONF
@@ -57,6 +57,29 @@ def test_what_blocks_a_graph(make_cfg):
     assert "optim.name=sgd" in graph_blocker(make_cfg("optim=sgd"), cuda)
     assert "train.compile" in graph_blocker(make_cfg("train.compile=true"), cuda)
     assert "cpu" in graph_blocker(make_cfg(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("capability,name,bf16", [((9, 0), "NVIDIA H100 80GB HBM3", True),
+                                                    ((8, 6), "NVIDIA GeForce RTX 3090", True),
+                                                    ((7, 5), "Tesla T4", False), ((7, 0), "Tesla V100-SXM2-16GB", False)])
+def test_bf16_autocast_where_the_gpu_has_it_float32_with_a_warning_where_not(make_cfg, monkeypatch, caplog,
+                                                                             capability, name, bf16):
+    """train.amp on a student's T4 or V100 (no native bf16: cuDNN's bf16 convolutions need compute capability 8.0):
+    float32, said once, and the run's tags say what it trained on and in."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda", 0)  # a device object needs no GPU
+    with caplog.at_level(logging.WARNING, logger="cifar_ablation.steps"):
+        assert bf16_autocast(make_cfg(), cuda) is bf16 and bf16_autocast(make_cfg(), cuda) is bf16
+        tags = device_tags(make_cfg(), cuda)
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ([] if bf16 else [f"train.amp: {name} (compute capability {capability[0]}.{capability[1]}) "
+                                       "has no native bf16 (cuDNN's bf16 convolutions need 8.0 or more): training "
+                                       "in float32"])
+    assert tags == {"precision": "bf16 autocast" if bf16 else "float32",
+                    "gpu": f"{name} (compute capability {capability[0]}.{capability[1]})"}
+    assert bf16_autocast(make_cfg("train.amp=false"), cuda) is False
+    assert device_tags(make_cfg(), torch.device("cpu")) == {"precision": "float32"}
 
 
 def test_cpu_runs_eagerly_whatever_the_switch_says_auto(make_cfg):

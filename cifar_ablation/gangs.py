@@ -31,8 +31,7 @@ import cloudpickle
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 
-from .jobrun import Terminated
-from .streams import sigterm_interrupts
+from .interrupts import Terminated, sigterm_interrupts
 
 log = logging.getLogger(__name__)
 WAIT_FOR_CLOSE_S = 300  # how long the launching process waits for the gangs to close their runs after a signal

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import subprocess
 import tempfile
 import threading
@@ -32,14 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from .designs import rung
 from .identity import flat_params, semantic_hash
+from .interrupts import Terminated, interruption, job_signals
 from .tracking import JOB, MEMBER, PARENT_ENV, ROLE, owner, process_alive, system_metrics
 
 log = logging.getLogger(__name__)
 SKIP, REFUSE, RESUME, CREATE = "skip", "refuse", "resume", "create"
-
-
-class Terminated(BaseException):
-    """SIGTERM, turned into an exception so the run is closed as KILLED (like KeyboardInterrupt for SIGINT)."""
 
 
 class AlreadyRunning(RuntimeError):
@@ -241,7 +237,8 @@ def _bookkeeping(cfg: DictConfig, client: MlflowClient, run_id: str, old) -> Non
 @contextmanager
 def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: str, c: Claim) -> Iterator[JobRun]:
     """Open the job's run as claimed (reopen the interrupted run, or create one nested under the sweep); close
-    it FINISHED, FAILED (reason tag + traceback artifact) or KILLED (SIGINT, or SIGTERM as Terminated).
+    it FINISHED, FAILED (reason tag + traceback artifact) or KILLED (SIGINT, SIGTERM as Terminated, or an exit
+    asked of the process: submitit's after SLURM's SIGUSR2; interrupts.py), which the next launch resumes.
     Everything after the run exists happens inside the try: no path leaves it RUNNING."""
     old = c.run if c.action == RESUME else None
     if old is not None:
@@ -253,42 +250,31 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
         if parent:
             tags["mlflow.parentRunId"] = parent
         run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} seed={cfg.seed}", tags=tags).info.run_id
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, raise_terminated)
-    except ValueError:  # not the main thread: leave signals to the host
-        previous = None
     status, run = "FAILED", JobRun(client, run_id, resumed=old is not None, checkpoint=cfg.train.checkpoint)
     monitor = None
-    try:
-        _bookkeeping(cfg, client, run_id, old)
-        if cfg.mlflow.log_system_metrics:
-            monitor = system_metrics(cfg.mlflow.tracking_uri, run_id, resumed=old is not None)
-        log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
-        yield run
-        run.flush()  # the last checkpoint and metrics are in the store before the run says FINISHED
-        status = "FINISHED"
-    except (KeyboardInterrupt, Terminated) as e:
-        status = "KILLED"
-        client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: {str(e) or 'interrupted by signal'}")
-        raise
-    except BaseException as e:
-        client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: {e}"[:5000])
-        client.log_text(run_id, traceback.format_exc(), "traceback.txt")
-        raise
-    finally:
-        if monitor is not None:
-            monitor.finish()  # its last sample in the store while the run is open
-        if status != "FINISHED":  # the last finished epoch's checkpoint still lands: a relaunch resumes from it
-            try:
-                run.flush()
-            except Exception as e:  # noqa: BLE001 — the run's own failure is the one to report
-                log.warning("run %s: its last writes failed too: %s: %s", run_id, type(e).__name__, e)
-        client.set_terminated(run_id, status)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(f"interrupted by signal {signum}")
-
+    with job_signals() as seen:
+        try:
+            _bookkeeping(cfg, client, run_id, old)
+            if cfg.mlflow.log_system_metrics:
+                monitor = system_metrics(cfg.mlflow.tracking_uri, run_id, resumed=old is not None)
+            log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
+            yield run
+            run.flush()  # the last checkpoint and metrics are in the store before the run says FINISHED
+            status = "FINISHED"
+        except (KeyboardInterrupt, Terminated, SystemExit) as e:  # asked to stop: resumable
+            status = "KILLED"
+            client.set_tag(run_id, "failure_reason", interruption(e, seen))
+            raise
+        except BaseException as e:
+            client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: {e}"[:5000])
+            client.log_text(run_id, traceback.format_exc(), "traceback.txt")
+            raise
+        finally:
+            if monitor is not None:
+                monitor.finish()  # its last sample in the store while the run is open
+            if status != "FINISHED":  # the last finished epoch's checkpoint still lands: a relaunch resumes from it
+                try:
+                    run.flush()
+                except Exception as e:  # noqa: BLE001 — the run's own failure is the one to report
+                    log.warning("run %s: its last writes failed too: %s: %s", run_id, type(e).__name__, e)
+            client.set_terminated(run_id, status)

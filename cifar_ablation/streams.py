@@ -27,7 +27,7 @@ from typing import Any, Callable, Generator, Iterator
 
 import torch
 
-from .jobrun import Terminated, raise_terminated
+from .interrupts import Terminated
 from .steps import Launches
 
 log = logging.getLogger("cifar_ablation.streams")
@@ -165,16 +165,3 @@ class Gang:
                     m.end(None, e)
                 else:
                     m.end(None, cause)
-
-
-@contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises Terminated for as long as a gang runs (each job's run also sets this while it is open, and
-    puts back what it found: with several open at once, what it found may be the sweep's exit handler)."""
-    import signal
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -175,6 +175,38 @@ def test_a_requeued_job_resumes_its_own_run(cluster, tmp_path, imagefolder):
         assert again.data.metrics[key] == plain.data.metrics[key], key
 
 
+def test_a_job_slurm_warns_of_its_time_limit_is_requeued_and_resumes_its_run(cluster, tmp_path, imagefolder):
+    """The launcher asks SLURM for SIGUSR2 before a job's time limit (submitit's --signal=USR2@signal_delay_s);
+    sent here at epoch 2 as slurmd sends it, to the job's steps. submitit's handler requeues the job and exits the
+    process: the run is KILLED with that reason (not FAILED, not RUNNING), and the job, back, resumes the same
+    run from its checkpoint: one metric per epoch, the sweep FINISHED."""
+    args = ["trick=[noise]", "seed=0", *job_args(tmp_path, imagefolder("tar", per_class=200), cluster, "limit"),
+            *SLOW]
+    proc = launch([*args, *SLURM], tmp_path, cluster.env)
+    run = wait_until("epoch 2 of the SLURM job", lambda: job_at_epoch(cluster, "limit", "noise", 2))
+    job, client = run.data.tags["slurm_job"], cluster.client()
+    subprocess.run(["scancel", "--signal=USR2", job], env={**os.environ, **cluster.env}, check=True)
+    closed = wait_until("the run to close", lambda: (r := client.get_run(run.info.run_id)).info.status != "RUNNING"
+                        and r, 120)
+    print("closed:", closed.info.status, closed.data.tags.get("failure_reason"))
+
+    def restarted() -> bool:  # a requeued job may be held (~120 s) before it starts again: let it start now
+        scontrol(cluster, "update", f"JobId={job}", "StartTime=now")
+        show = scontrol(cluster, "show", "job", job)
+        return "Restarts=1" in show and ("JobState=RUNNING" in show or "JobState=COMPLETED" in show)
+    wait_until("the requeued job to start", restarted, 180)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert closed.info.status == "KILLED", closed.data.tags.get("failure_reason")
+    assert "SIGUSR2" in closed.data.tags["failure_reason"] and "requeue" in closed.data.tags["failure_reason"]
+    runs = cluster.runs("limit")
+    (again,) = [r for r in runs if r.data.tags[ROLE] == JOB]
+    (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED" == sweep.info.status
+    assert again.data.tags["pid"] != run.data.tags["pid"]
+    assert [m.step for m in client.get_metric_history(again.info.run_id, "val_acc")] == list(range(1, 9))
+
+
 def test_scancel_then_relaunch_resumes_skips_and_reports_every_configuration(cluster, tmp_path, imagefolder):
     """scancel of a running job: its run KILLED with the reason, the sweep FAILED. The same command again skips
     the finished job, resumes the cancelled one from its checkpoint, nests it under the new sweep, and the new

@@ -76,3 +76,35 @@ def test_a_ctrl_c_while_the_writer_thread_starts_does_not_keep_the_process_alive
             "jobrun.WRITER.submit(print, 'written')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "KeyboardInterrupt" in res.stderr
+
+
+def test_slurms_warning_signal_is_passed_on_to_submitits_handler_and_named_in_the_reason():
+    """submitit's SIGUSR2 handler (it requeues the job, then exits the process) still runs while a run is open;
+    the SystemExit it raises is an interruption, named as what followed SLURM's warning. Handlers put back after."""
+    import os
+    import signal
+
+    from cifar_ablation.interrupts import Terminated, interruption, job_signals, raise_terminated
+
+    calls = []
+
+    def submitits(signum, frame):
+        calls.append(signum)
+        raise SystemExit(-1)
+    before = signal.signal(signal.SIGUSR2, submitits), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e, job_signals() as seen:
+            assert signal.getsignal(signal.SIGTERM) is raise_terminated
+            os.kill(os.getpid(), signal.SIGUSR2)
+            for _ in range(1000):  # the handler runs between bytecodes of this thread
+                pass
+        assert calls == [signal.SIGUSR2] and seen == {"SIGUSR2"}
+        assert interruption(e.value, seen).startswith("SystemExit: -1 after SIGUSR2, SLURM's warning of the job's "
+                                                      "time limit or of its preemption: submitit requeued the job")
+        assert interruption(Terminated("interrupted by signal 15"), set()) == "Terminated: interrupted by signal 15"
+        assert signal.getsignal(signal.SIGUSR2) is submitits and signal.getsignal(signal.SIGTERM) == before[1]
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        with job_signals():  # no handler of SIGUSR2's there (not under submitit): none is put in
+            assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR2, before[0] or signal.SIG_DFL)

@@ -54,7 +54,8 @@ class StreamsLauncher(Launcher):
 
     def launch_here(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """The jobs as one gang in this process, `runs` at a time; their JobReturns once every one has ended."""
-        from cifar_ablation.streams import Gang, sigterm_interrupts
+        from cifar_ablation.interrupts import sigterm_interrupts
+        from cifar_ablation.streams import Gang
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)

@@ -145,6 +145,15 @@ def scontrol(cluster: Cluster, *args: str) -> str:
                           text=True).stdout
 
 
+def start_requeued(cluster: Cluster, job: str) -> None:
+    """A requeued job may be held (~120 s) before it starts again: let it start now, and wait until it has."""
+    def restarted() -> bool:
+        scontrol(cluster, "update", f"JobId={job}", "StartTime=now")
+        show = scontrol(cluster, "show", "job", job)
+        return "Restarts=1" in show and ("JobState=RUNNING" in show or "JobState=COMPLETED" in show)
+    wait_until("the requeued job to start", restarted, 180)
+
+
 def test_a_requeued_job_resumes_its_own_run(cluster, tmp_path, imagefolder):
     """`scontrol requeue` mid-run: the job comes back (SLURM_RESTART_COUNT=1) and resumes the same run from
     its checkpoint; one metric per epoch; final metrics equal to an uninterrupted run of the same config."""
@@ -154,12 +163,7 @@ def test_a_requeued_job_resumes_its_own_run(cluster, tmp_path, imagefolder):
     run = wait_until("epoch 2 of the SLURM job", lambda: job_at_epoch(cluster, "requeue", "flip", 2))
     job = run.data.tags["slurm_job"]
     scontrol(cluster, "requeue", job)
-    # a requeued job may be held (~120 s) before it starts again: let it start now
-    def restarted() -> bool:
-        scontrol(cluster, "update", f"JobId={job}", "StartTime=now")
-        show = scontrol(cluster, "show", "job", job)
-        return "Restarts=1" in show and ("JobState=RUNNING" in show or "JobState=COMPLETED" in show)
-    wait_until("the requeued job to start", restarted, 180)
+    start_requeued(cluster, job)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
 
@@ -190,11 +194,7 @@ def test_a_job_slurm_warns_of_its_time_limit_is_requeued_and_resumes_its_run(clu
                         and r, 120)
     print("closed:", closed.info.status, closed.data.tags.get("failure_reason"))
 
-    def restarted() -> bool:  # a requeued job may be held (~120 s) before it starts again: let it start now
-        scontrol(cluster, "update", f"JobId={job}", "StartTime=now")
-        show = scontrol(cluster, "show", "job", job)
-        return "Restarts=1" in show and ("JobState=RUNNING" in show or "JobState=COMPLETED" in show)
-    wait_until("the requeued job to start", restarted, 180)
+    start_requeued(cluster, job)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     assert closed.info.status == "KILLED", closed.data.tags.get("failure_reason")

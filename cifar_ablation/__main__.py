@@ -6,11 +6,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .checks import UserError, check_command_line
+from .checks import CONF_DIR, UserError, check_command_line
 from .job import run_job, user_errors
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
         return run_job(cfg)

@@ -19,7 +19,16 @@ from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 Check = Callable[[Any], "str | None"]
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _conf_dir() -> Path:
+    """The config tree: the copy a wheel installs inside the package (`pip install .`: the CLI then runs from any
+    folder), else conf/ beside the package (a checkout, an editable install)."""
+    package = Path(__file__).resolve().parent
+    return package / "conf" if (package / "conf" / "config.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 class UserError(Exception):

@@ -17,34 +17,53 @@ def raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(f"interrupted by signal {signum}")
 
 
+class JobSignals:
+    """The signal handling of one open run (job_signals()). `seen` names the signals that came; hold() is for the
+    run's closing: from then on SIGTERM and SIGINT are noted, not raised (a second one, such as the SIGTERM that
+    SLURM sends a job submitit has just requeued, must not cut the closing short and leave the run without its
+    reason or RUNNING), and are sent again once the handlers are put back."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.held: list[int] = []
+        self.main_thread = True
+
+    def hold(self) -> None:
+        if self.main_thread:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, lambda signum, frame: self.held.append(signum))
+
+
 @contextmanager
-def job_signals() -> Iterator[set]:
+def job_signals() -> Iterator[JobSignals]:
     """While a run is open: SIGTERM raises Terminated (the run closes KILLED), and a SIGUSR2 handler already
     there is chained so that the run's reason can name it: submitit's, which SLURM's warning of a job's time
     limit (the launcher's signal_delay_s) or of a preemption calls; it requeues the job, then exits the process
-    (SystemExit). Yields the set of such signals seen. Outside the main thread signals are left to the host."""
-    seen: set = set()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    (SystemExit). Outside the main thread signals are left to the host."""
+    js = JobSignals()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
     chained = previous[signal.SIGUSR2]
 
     def on_usr2(signum: int, frame: Any) -> None:
-        seen.add("SIGUSR2")
+        js.seen.add("SIGUSR2")
         chained(signum, frame)
     try:
         signal.signal(signal.SIGTERM, raise_terminated)
         if callable(chained):
             signal.signal(signal.SIGUSR2, on_usr2)
     except ValueError:  # not the main thread
-        previous = {}
+        js.main_thread, previous = False, {}
     try:
-        yield seen
+        yield js
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        for s in dict.fromkeys(js.held):  # what came while the run closed, now to the handlers it would have met
+            signal.raise_signal(s)
 
 
 def interruption(e: BaseException, seen: set) -> str:
-    """A KILLED run's reason: what stopped it and, after SLURM's SIGUSR2, why."""
+    """A KILLED run's reason: what stopped it and, after SLURM's SIGUSR2 (in `seen`), why."""
     what = f"{type(e).__name__}: {str(e) or 'interrupted by signal'}"  # a SystemExit's str is its exit code
     if "SIGUSR2" in seen:
         what += (" after SIGUSR2, SLURM's warning of the job's time limit or of its preemption: submitit requeued "

@@ -252,22 +252,24 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
         run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} seed={cfg.seed}", tags=tags).info.run_id
     status, run = "FAILED", JobRun(client, run_id, resumed=old is not None, checkpoint=cfg.train.checkpoint)
     monitor = None
-    with job_signals() as seen:
+    with job_signals() as signals:
         try:
             _bookkeeping(cfg, client, run_id, old)
             if cfg.mlflow.log_system_metrics:
                 monitor = system_metrics(cfg.mlflow.tracking_uri, run_id, resumed=old is not None)
             log.info("MLflow run %s in experiment %r (%s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
             yield run
+            signals.hold()  # closing: no signal cuts it short
             run.flush()  # the last checkpoint and metrics are in the store before the run says FINISHED
             status = "FINISHED"
-        except (KeyboardInterrupt, Terminated, SystemExit) as e:  # asked to stop: resumable
-            status = "KILLED"
-            client.set_tag(run_id, "failure_reason", interruption(e, seen))
-            raise
         except BaseException as e:
-            client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: {e}"[:5000])
-            client.log_text(run_id, traceback.format_exc(), "traceback.txt")
+            signals.hold()
+            if isinstance(e, (KeyboardInterrupt, Terminated, SystemExit)):  # asked to stop: resumable
+                status = "KILLED"
+                client.set_tag(run_id, "failure_reason", interruption(e, signals.seen))
+            else:
+                client.set_tag(run_id, "failure_reason", f"{type(e).__name__}: {e}"[:5000])
+                client.log_text(run_id, traceback.format_exc(), "traceback.txt")
             raise
         finally:
             if monitor is not None:

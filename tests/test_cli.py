@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,8 +262,6 @@ def test_a_report_on_a_missing_store_says_so_and_creates_nothing(tmp_path, capsy
 def test_make_targets_train_on_the_mirror_where_present_else_the_original_cifar10(tmp_path, mirror):
     """make demo / ladder / bench, as `make -n` spells them out: the offline JPEG mirror where the file is (our
     machines), else CIFAR-10 through torchvision's download (a user's machine), each saying which."""
-    import subprocess
-    from pathlib import Path
 
     path = tmp_path / "cifar10-jpeg.tar.gz"
     if mirror:
@@ -275,11 +277,43 @@ def test_make_targets_train_on_the_mirror_where_present_else_the_original_cifar1
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine `make ladder` would train the whole ladder")
 def test_make_ladder_without_cuda_stops_saying_so_before_anything_trains():
-    import subprocess
-    from pathlib import Path
 
     res = subprocess.run(["make", "ladder"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
                          timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "make ladder: torch sees no CUDA device here" in out, out[-2000:]
     assert "LADDER_DEVICE=cpu make" in out and "cifar_ablation experiment=slide_ladder" not in out
+
+
+def test_a_wheel_install_runs_from_any_folder(tmp_path, imagefolder, tracking_db):
+    """`pip install .` (not editable), then the CLI from a folder of the user's with no checkout on the path: the
+    config tree comes inside the package, and Hydra finds the streams launcher the wheel installs."""
+    import shutil
+
+    dist, site, work, src = (tmp_path / d for d in ("dist", "site", "work", "src"))
+    root = Path(__file__).resolve().parents[1]
+    src.mkdir()  # the wheel built from a copy: setuptools writes build/ where it builds
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copyfile(root / f, src / f)
+    for d in ("cifar_ablation", "conf", "hydra_plugins"):
+        shutil.copytree(root / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
+                    str(src)], check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = dist.glob("cifar_ablation-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    (site / "sitecustomize.py").write_text(  # the editable install's path entry (the checkout) taken away
+        f"import sys\nsys.path[:] = [p for p in sys.path if p.rstrip('/') != {str(root)!r}]\n")
+    work.mkdir()
+    env = {"PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    where = subprocess.run([sys.executable, "-c", "import cifar_ablation.checks as c; print(c.__file__, c.CONF_DIR)"],
+                           cwd=work, env={**os.environ, **env}, capture_output=True, text=True)
+    assert where.stdout.split() == [str(site / "cifar_ablation" / "checks.py"), str(site / "cifar_ablation" / "conf")]
+    res = run_cli(["-m", "trick=[],[flip]", "seed=0", "hydra/launcher=streams", "jobs_per_device=2", *TINY,
+                   "data=imagefolder", f"data.path={imagefolder('tar')}", f"data.cache_dir={tmp_path / 'cache'}",
+                   f"mlflow.tracking_uri=sqlite:///{tracking_db}", "mlflow.experiment=wheel"], work, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "in this process, 2 at a time on their own streams" in res.stdout + res.stderr
+    _, runs = runs_in(tracking_db, "wheel")
+    assert sorted(r.data.tags["tricks"] for r in runs if r.data.tags[ROLE] == JOB) == ["baseline", "flip"]
+    assert all(r.info.status == "FINISHED" for r in runs)

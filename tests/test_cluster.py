@@ -154,57 +154,45 @@ def start_requeued(cluster: Cluster, job: str) -> None:
     wait_until("the requeued job to start", restarted, 180)
 
 
-def test_a_requeued_job_resumes_its_own_run(cluster, tmp_path, imagefolder):
-    """`scontrol requeue` mid-run: the job comes back (SLURM_RESTART_COUNT=1) and resumes the same run from
-    its checkpoint; one metric per epoch; final metrics equal to an uninterrupted run of the same config."""
-    args = ["trick=[flip]", "seed=0", *job_args(tmp_path, imagefolder("tar", per_class=200), cluster, "requeue"),
-            *SLOW]
+def test_requeued_jobs_resume_their_own_runs(cluster, tmp_path, imagefolder):
+    """Two ways SLURM stops a job and starts it again, in one array at epoch 2: `scontrol requeue` (SIGTERM: the
+    run goes KILLED), and its warning of the time limit (SIGUSR2, which the launcher asks for signal_delay_s before
+    it; sent here as slurmd sends it, to the job's steps): submitit's handler requeues the job and exits the
+    process, and the run goes KILLED naming the warning (before, FAILED, and the job started over in a new run).
+    Each job, back (SLURM_RESTART_COUNT=1), resumes its own run from its checkpoint: one metric per epoch, final
+    metrics equal to an uninterrupted run's of the same config, the sweep FINISHED."""
+    args = ["trick=[flip],[noise]", "seed=0",
+            *job_args(tmp_path, imagefolder("tar", per_class=200), cluster, "requeue"), *SLOW]
     proc = launch([*args, *SLURM], tmp_path, cluster.env)
-    run = wait_until("epoch 2 of the SLURM job", lambda: job_at_epoch(cluster, "requeue", "flip", 2))
-    job = run.data.tags["slurm_job"]
-    scontrol(cluster, "requeue", job)
-    start_requeued(cluster, job)
+    client, env = cluster.client(), {**os.environ, **cluster.env}
+    run = {t: wait_until(f"epoch 2 of {t}", lambda t=t: job_at_epoch(cluster, "requeue", t, 2)) for t in ("flip", "noise")}
+    job = {t: r.data.tags["slurm_job"] for t, r in run.items()}
+    scontrol(cluster, "requeue", job["flip"])
+    subprocess.run(["scancel", "--signal=USR2", job["noise"]], env=env, check=True)
+    closed = {t: wait_until(f"{t}'s run to close", lambda t=t: (c := client.get_run(run[t].info.run_id)).info.status
+                            != "RUNNING" and c, 120) for t in run}
+    for t in run:
+        start_requeued(cluster, job[t])
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
+    assert {t: c.info.status for t, c in closed.items()} == {"flip": "KILLED", "noise": "KILLED"}, \
+        {t: c.data.tags.get("failure_reason") for t, c in closed.items()}
+    assert closed["noise"].data.tags["failure_reason"].startswith(
+        "SystemExit: -1 after SIGUSR2, SLURM's warning of the job's time limit or of its preemption: submitit "
+        "requeued the job")
 
     twin = run_cli(["-m", *args, "mlflow.experiment=requeue-twin"], tmp_path, env=cluster.env, timeout=600)
     assert twin.returncode == 0, twin.stderr[-3000:]
-    client = cluster.client()
-    (again,) = [r for r in cluster.runs("requeue") if r.data.tags[ROLE] == JOB]
-    (plain,) = [r for r in cluster.runs("requeue-twin") if r.data.tags[ROLE] == JOB]
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert again.data.tags["slurm_job"] == job and again.data.tags["pid"] != run.data.tags["pid"]
-    for key in ("val_acc", "train_loss"):
-        assert [m.step for m in client.get_metric_history(again.info.run_id, key)] == list(range(1, 9)), key
-        assert again.data.metrics[key] == plain.data.metrics[key], key
-
-
-def test_a_job_slurm_warns_of_its_time_limit_is_requeued_and_resumes_its_run(cluster, tmp_path, imagefolder):
-    """The launcher asks SLURM for SIGUSR2 before a job's time limit (submitit's --signal=USR2@signal_delay_s);
-    sent here at epoch 2 as slurmd sends it, to the job's steps. submitit's handler requeues the job and exits the
-    process: the run is KILLED with that reason (not FAILED, not RUNNING), and the job, back, resumes the same
-    run from its checkpoint: one metric per epoch, the sweep FINISHED."""
-    args = ["trick=[noise]", "seed=0", *job_args(tmp_path, imagefolder("tar", per_class=200), cluster, "limit"),
-            *SLOW]
-    proc = launch([*args, *SLURM], tmp_path, cluster.env)
-    run = wait_until("epoch 2 of the SLURM job", lambda: job_at_epoch(cluster, "limit", "noise", 2))
-    job, client = run.data.tags["slurm_job"], cluster.client()
-    subprocess.run(["scancel", "--signal=USR2", job], env={**os.environ, **cluster.env}, check=True)
-    closed = wait_until("the run to close", lambda: (r := client.get_run(run.info.run_id)).info.status != "RUNNING"
-                        and r, 120)
-    print("closed:", closed.info.status, closed.data.tags.get("failure_reason"))
-
-    start_requeued(cluster, job)
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out[-3000:]
-    assert closed.info.status == "KILLED", closed.data.tags.get("failure_reason")
-    assert "SIGUSR2" in closed.data.tags["failure_reason"] and "requeue" in closed.data.tags["failure_reason"]
-    runs = cluster.runs("limit")
-    (again,) = [r for r in runs if r.data.tags[ROLE] == JOB]
-    (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED" == sweep.info.status
-    assert again.data.tags["pid"] != run.data.tags["pid"]
-    assert [m.step for m in client.get_metric_history(again.info.run_id, "val_acc")] == list(range(1, 9))
+    runs = cluster.runs("requeue")
+    again = {r.data.tags["tricks"]: r for r in runs if r.data.tags[ROLE] == JOB}
+    plain = {r.data.tags["tricks"]: r for r in cluster.runs("requeue-twin") if r.data.tags[ROLE] == JOB}
+    assert [r.info.status for r in runs if r.data.tags[ROLE] == SWEEP] == ["FINISHED"]
+    for t in ("flip", "noise"):
+        assert again[t].info.run_id == run[t].info.run_id and again[t].info.status == "FINISHED"
+        assert again[t].data.tags["slurm_job"] == job[t] and again[t].data.tags["pid"] != run[t].data.tags["pid"]
+        for key in ("val_acc", "train_loss"):
+            assert [m.step for m in client.get_metric_history(again[t].info.run_id, key)] == list(range(1, 9)), key
+            assert again[t].data.metrics[key] == plain[t].data.metrics[key], (t, key)
 
 
 def test_scancel_then_relaunch_resumes_skips_and_reports_every_configuration(cluster, tmp_path, imagefolder):

@@ -93,14 +93,15 @@ def test_slurms_warning_signal_is_passed_on_to_submitits_handler_and_named_in_th
         raise SystemExit(-1)
     before = signal.signal(signal.SIGUSR2, submitits), signal.getsignal(signal.SIGTERM)
     try:
-        with pytest.raises(SystemExit) as e, job_signals() as seen:
+        with pytest.raises(SystemExit) as e, job_signals() as signals:
             assert signal.getsignal(signal.SIGTERM) is raise_terminated
             os.kill(os.getpid(), signal.SIGUSR2)
             for _ in range(1000):  # the handler runs between bytecodes of this thread
                 pass
-        assert calls == [signal.SIGUSR2] and seen == {"SIGUSR2"}
-        assert interruption(e.value, seen).startswith("SystemExit: -1 after SIGUSR2, SLURM's warning of the job's "
-                                                      "time limit or of its preemption: submitit requeued the job")
+        assert calls == [signal.SIGUSR2] and signals.seen == {"SIGUSR2"}
+        assert interruption(e.value, signals.seen).startswith(
+            "SystemExit: -1 after SIGUSR2, SLURM's warning of the job's time limit or of its preemption: submitit "
+            "requeued the job")
         assert interruption(Terminated("interrupted by signal 15"), set()) == "Terminated: interrupted by signal 15"
         assert signal.getsignal(signal.SIGUSR2) is submitits and signal.getsignal(signal.SIGTERM) == before[1]
         signal.signal(signal.SIGUSR2, signal.SIG_DFL)
@@ -108,3 +109,26 @@ def test_slurms_warning_signal_is_passed_on_to_submitits_handler_and_named_in_th
             assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGUSR2, before[0] or signal.SIG_DFL)
+
+
+def test_a_signal_while_the_run_closes_waits_until_it_has_closed():
+    """The SIGTERM SLURM sends a job that submitit has just requeued (or a second Ctrl-C) comes while the run
+    writes its reason and status: it is held until the run is closed, then sent on to the handler it would have met."""
+    import os
+    import signal
+
+    from cifar_ablation.interrupts import job_signals
+
+    got = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(("after", signum)))
+    try:
+        with job_signals() as signals:
+            signals.hold()
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+            got.append("closed")  # no Terminated raised while closing
+        assert got == ["closed", ("after", signal.SIGTERM)]  # held, then sent on once
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -28,12 +28,23 @@ def tiny_args(tmp_path: Path, data: Path, uri: str, experiment: str) -> list[str
 
 
 @pytest.mark.slow
-def test_eight_concurrent_jobs_into_a_brand_new_sqlite_store(tmp_path, imagefolder):
+def test_eight_concurrent_jobs_on_a_new_machine_into_a_brand_new_sqlite_store(tmp_path, cifar10_site):
+    """A user online with no store and no data yet: a parallel sweep's 8 job processes start at once. The store
+    is made once; CIFAR-10 is downloaded once (over HTTP from a local stand-in for its site, answering after
+    1.5 s) and decoded once, the other processes waiting on its lock and reading what the first made."""
+    site = cifar10_site(per_batch=40, delay=1.5)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # every process of the sweep, loky's workers too: the local site
+        "import os\nfrom torchvision.datasets import CIFAR10\n"
+        "CIFAR10.url, CIFAR10.tgz_md5 = os.environ['CIFAR10_SITE'], os.environ['CIFAR10_MD5']\n")
+    env = {**ONE_THREAD, "CIFAR10_SITE": site.url, "CIFAR10_MD5": site.md5,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
     db = tmp_path / "fresh" / "m.db"
     assert not db.exists()
-    res = run_cli(["-m", "seed=0,1,2,3,4,5,6,7", "hydra/launcher=parallel", "jobs_per_device=8",
-                   *tiny_args(tmp_path, imagefolder("tar", per_class=80), f"sqlite:///{db}", "par")],
-                  tmp_path, env=ONE_THREAD)
+    res = run_cli(["-m", "seed=0,1,2,3,4,5,6,7", "hydra/launcher=parallel", "jobs_per_device=8", *TINY,
+                   "data=cifar10", f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
+                   f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=par"], tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     client, runs = runs_in(db, "par")
     jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
@@ -46,6 +57,13 @@ def test_eight_concurrent_jobs_into_a_brand_new_sqlite_store(tmp_path, imagefold
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key)) == [1, 2], key
     assert parent.info.status == "FINISHED"
     assert "job 8 of 8 done (FINISHED 8)" in res.stdout + res.stderr  # progress from the launching process
+    # the data: one download, one decode, the same in every run, nothing half-made left
+    assert site.gets == 1
+    assert {r.data.tags["data_source"] for r in jobs} == {f"cifar10:{tmp_path / 'data'}"}
+    assert len({r.data.tags["data_checksum"] for r in jobs}) == 1
+    logs = "".join(f.read_text() for f in tmp_path.glob("multirun/*/*/*/*.log"))
+    assert logs.count("downloading CIFAR-10 into") == 1 and logs.count("decoding images once into") == 1, logs
+    assert sorted(f.suffix for f in (tmp_path / "cache").iterdir()) == [".lock", ".pt"]  # no .tmp left
 
 
 @pytest.mark.slow
@@ -127,33 +145,3 @@ def test_four_launchers_started_at_once_on_a_brand_new_sqlite_store(tmp_path, im
     assert sorted(r.data.tags["tricks"] + r.data.tags["seed"] for r in jobs) == \
         [f"{t}{s}" for t in ("batchnorm", "dropout", "flip", "noise") for s in "01"]
     assert all(r.info.status == "FINISHED" for r in jobs)
-
-
-@pytest.mark.slow
-def test_jobs_starting_at_once_on_a_new_machine_download_and_decode_cifar10_once(tmp_path, cifar10_site,
-                                                                                 tracking_db):
-    """A user online with no data yet: a parallel sweep's 4 job processes all find CIFAR-10 missing at once.
-    One downloads it (over HTTP from a local stand-in for its site, answering after 1.5 s) and decodes it, the
-    others wait on the lock and read what it made: one download, one decode, the same data in every run."""
-    site = cifar10_site(per_batch=40, delay=1.5)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(  # every process of the sweep, loky's workers too: the local site
-        "import os\nfrom torchvision.datasets import CIFAR10\n"
-        "CIFAR10.url, CIFAR10.tgz_md5 = os.environ['CIFAR10_SITE'], os.environ['CIFAR10_MD5']\n")
-    env = {**ONE_THREAD, "CIFAR10_SITE": site.url, "CIFAR10_MD5": site.md5,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
-    res = run_cli(["-m", "seed=0,1,2,3", "hydra/launcher=parallel", "jobs_per_device=4", *TINY, "data=cifar10",
-                   f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
-                   f"mlflow.tracking_uri=sqlite:///{tracking_db}", "mlflow.experiment=fresh"], tmp_path, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    _, runs = runs_in(tracking_db, "fresh")
-    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
-    assert sorted(r.data.tags["seed"] for r in jobs) == ["0", "1", "2", "3"]
-    assert all(r.info.status == "FINISHED" for r in jobs) and len({r.data.tags["pid"] for r in jobs}) > 1
-    assert {r.data.tags["data_source"] for r in jobs} == {f"cifar10:{tmp_path / 'data'}"}
-    assert len({r.data.tags["data_checksum"] for r in jobs}) == 1
-    assert site.gets == 1
-    logs = "".join(f.read_text() for f in tmp_path.glob("multirun/*/*/*/*.log"))
-    assert logs.count("downloading CIFAR-10 into") == 1 and logs.count("decoding images once into") == 1, logs
-    assert sorted(f.suffix for f in (tmp_path / "cache").iterdir()) == [".lock", ".pt"]  # no .tmp left

@@ -57,7 +57,8 @@ def job_signals() -> Iterator[JobSignals]:
         yield js
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            if handler is not None:  # None: set outside Python, and not to be put back from here
+                signal.signal(s, handler)
         for s in dict.fromkeys(js.held):  # what came while the run closed, now to the handlers it would have met
             signal.raise_signal(s)
 

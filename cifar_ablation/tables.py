@@ -68,6 +68,7 @@ class Table:
     notes: list[str] = field(default_factory=list)   # repeated seeds
     fraction: int | None = None   # a factorial's resolution (None: every subset)
     inferred: str = ""   # for a hand-made sweep: the design inferred from its trick sets, and why
+    machines: list[str] = field(default_factory=list)   # what the finished runs trained on and in (machine_of)
 
     def group_of(self, row: Row) -> Group | None:
         return next((g for g in self.groups.get(row.tricks, []) if g.key == row.group), None)
@@ -165,7 +166,8 @@ def build_table(runs, design: str | None = None) -> Table:
     wanted = [spec.tricks for spec in specs]
     missing = [",".join(k) or "baseline" for k in wanted if k not in groups]
     extra = [",".join(k) or "baseline" for k in groups if k not in wanted]
-    return Table(d, order, rows, groups, ignored, missing, extra, sources, notes, fraction, inferred)
+    machines = sorted({m for r in runs if counts(r) and (m := machine_of(r))})
+    return Table(d, order, rows, groups, ignored, missing, extra, sources, notes, fraction, inferred, machines)
 
 
 def data_of(run: Any) -> str:
@@ -173,6 +175,14 @@ def data_of(run: Any) -> str:
     same file on two machines from two files at one path (a re-downloaded or re-encoded copy)."""
     source, checksum = run.data.tags.get("data_source", "unknown"), run.data.tags.get("data_checksum")
     return f"{source} (sha256 {checksum[:12]})" if checksum else source
+
+
+def machine_of(run: Any) -> str | None:
+    """What a run trained on and in: its GPU (name and compute capability) and precision, where its tags say so,
+    else its device (runs logged before those tags were); None where nothing says."""
+    tags = run.data.tags
+    where = tags.get("gpu") or tags.get("device")
+    return f"{where}, {tags['precision']}" if where and "precision" in tags else where
 
 
 def fmt(x: float | None, spec: str = ".2f", plus: bool = False) -> str:
@@ -203,6 +213,8 @@ def markdown(t: Table, title: str) -> str:
         lines.append(f"Design: inferred from the trick sets swept: {t.inferred}.")
     if t.sources:
         lines.append(f"Data: {'; '.join(t.sources)}.")
+    if t.machines:
+        lines.append(f"Trained on: {'; '.join(t.machines)}.")
     if t.missing:
         lines.append(f"Missing (no FINISHED run): {'; '.join(f'[{m}]' for m in t.missing)}.")
     if t.extra:

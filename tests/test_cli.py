@@ -70,6 +70,7 @@ def test_sweep_then_report(tmp_path, imagefolder, capsys):
     assert lines[0].startswith("| rung | trick added | n | val acc")
     sha = hashlib.sha256(data.read_bytes()).hexdigest()[:12]  # what the runs trained on, by path and content:
     assert f"Data: {data.resolve()} (sha256 {sha})." in (tmp_path / "rep" / "ladder.md").read_text()
+    assert "\nTrained on: cpu, float32.\n" in (tmp_path / "rep" / "ladder.md").read_text()
     assert [c[:3] for c in cells] == [["0", "baseline", "2"], ["1", "noise", "2"], ["2", "batchnorm", "2"]]
     rows = list(csv.DictReader(open(tmp_path / "rep" / "ladder.csv")))
     assert [r["tricks"] for r in rows] == ["", "noise", "noise,batchnorm"]

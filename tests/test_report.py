@@ -14,7 +14,7 @@ from scipy import stats as st
 from cifar_ablation.designs import infer_design
 from cifar_ablation.report import load_sweep, main
 from cifar_ablation.stats import compare, holm, seeds_to_resolve, summary
-from cifar_ablation.tables import build_table, markdown, write_csv
+from cifar_ablation.tables import build_table, machine_of, markdown, write_csv
 from cifar_ablation.tracking import JOB, REPORT, ROLE
 
 ORDER = ["noise", "batchnorm", "dropout"]
@@ -336,3 +336,15 @@ def test_seeds_added_by_a_later_sweep_are_pointed_at_and_pooled_by_sweep_all(sto
     assert main(["--tracking-uri", uri, "--experiment", "hand", "--out", str(tmp / "d"), "--no-figures"]) == 0
     text = (tmp / "d" / "each_vs_baseline.md").read_text()
     assert "sweep h2" in text and "more seeds of 2 of these 2 configurations (up to 3 in all)" in text
+
+
+def test_a_table_says_what_its_runs_trained_on_and_in():
+    from types import SimpleNamespace
+
+    def run(**tags):
+        return SimpleNamespace(data=SimpleNamespace(tags=tags))
+    h100 = run(gpu="NVIDIA H100 80GB HBM3 (compute capability 9.0)", device="cuda:0", precision="bf16 autocast")
+    assert machine_of(h100) == "NVIDIA H100 80GB HBM3 (compute capability 9.0), bf16 autocast"
+    assert machine_of(run(device="cpu", precision="float32")) == "cpu, float32"
+    assert machine_of(run(device="cuda:0")) == "cuda:0"  # a run logged before the gpu and precision tags
+    assert machine_of(run()) is None

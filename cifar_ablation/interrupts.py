@@ -41,8 +41,9 @@ def job_signals() -> Iterator[JobSignals]:
     limit (the launcher's signal_delay_s) or of a preemption calls; it requeues the job, then exits the process
     (SystemExit). Outside the main thread signals are left to the host."""
     js = JobSignals()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
-    chained = previous[signal.SIGUSR2]
+    usr2 = getattr(signal, "SIGUSR2", None)  # POSIX only
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, usr2) if s is not None}
+    chained = previous.get(usr2)
 
     def on_usr2(signum: int, frame: Any) -> None:
         js.seen.add("SIGUSR2")
@@ -50,7 +51,7 @@ def job_signals() -> Iterator[JobSignals]:
     try:
         signal.signal(signal.SIGTERM, raise_terminated)
         if callable(chained):
-            signal.signal(signal.SIGUSR2, on_usr2)
+            signal.signal(usr2, on_usr2)
     except ValueError:  # not the main thread
         js.main_thread, previous = False, {}
     try:

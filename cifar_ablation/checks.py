@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
@@ -149,12 +150,12 @@ def check_trick_params(argv: list[str]) -> None:
                             f"wherever {name} is chosen: +ablation.{setting.replace('trick.', 'params.', 1)}")
 
 
-def check_tracking_uri(uri: str) -> None:
+def check_tracking_uri(uri: str, key: str = "mlflow.tracking_uri") -> None:
     """No secret in the tracking URI: it would be logged as a param and saved in Hydra's config files (the
-    error shows it masked)."""
+    error shows it masked). `key`: where it was set."""
     password = urlsplit(uri).password
     if password:
-        raise ConfigError("mlflow.tracking_uri", uri.replace(password, "***"),
+        raise ConfigError(key, uri.replace(password, "***"),
                           "a URI without a password (it would be logged as a param and saved in Hydra's config): "
                           "MLflow reads MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD from the environment "
                           "or ~/.mlflow/credentials; a database URI's password goes in PGPASSWORD or ~/.pgpass")
@@ -270,7 +271,8 @@ def check_command_line(argv: list[str]) -> None:
     check_trick_overrides(argv)
     check_override_keys(argv)
     check_trick_params(argv)
-    for a in argv:
-        key, _, value = a.partition("=")
-        if key.lstrip("+~") == "mlflow.tracking_uri":
-            check_tracking_uri(value)
+    given = [a.partition("=")[2] for a in argv if a.partition("=")[0].lstrip("+~") == "mlflow.tracking_uri"]
+    for uri in given:
+        check_tracking_uri(uri)
+    if not given:  # the config's default is MLflow's own variable, where set
+        check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI")

@@ -16,6 +16,7 @@ The table itself is tables.py's, its statistics stats.py's.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -140,8 +141,9 @@ def write_report(client, exp_id: str, sweep: str, table: Table, text: str, out: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.report", description=__doc__.split("\n")[0])
-    ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    ap.add_argument("--experiment", default="cifar-ablation")
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+                    help="default: MLFLOW_TRACKING_URI where set, else sqlite:///mlflow.db")
+    ap.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "cifar-ablation"))
     ap.add_argument("--sweep", default="latest", help="a sweep id (the parent run id), 'latest' or 'all'")
     ap.add_argument("--design", choices=list(DESIGNS), help="table to build (default: the sweep's own design)")
     ap.add_argument("--out", default="reports", help="folder for the .md/.csv/.png files")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -129,7 +130,8 @@ def latest_sweep(tracking_uri: str, experiment: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.ui", description=__doc__.split("\n")[0])
-    ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+                    help="default: MLFLOW_TRACKING_URI where set, else sqlite:///mlflow.db")
     ap.add_argument("--port", type=int, default=5000)
     ap.add_argument("--experiment", default=None, help="with --screenshots: the experiment to picture")
     ap.add_argument("--screenshots", metavar="DIR", help="save pictures of the UI to DIR instead of serving")
@@ -144,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             screenshots(runs_url(base, exp_id), sweep, "tricks", Path(args.screenshots))
         print(f"wrote {args.screenshots}/1-sweep.png, 2-report.png, 3-charts.png, 4-models.png")
         return 0
-    base = f"http://127.0.0.1:{args.port}"
+    served = args.tracking_uri.startswith(("http://", "https://"))  # a tracking server has its UI already
+    base = args.tracking_uri.rstrip("/") if served else f"http://127.0.0.1:{args.port}"
     for exp in client_for(args.tracking_uri).search_experiments():
         print(f"  {exp.name}: {runs_url(base, exp.experiment_id)}")
+    if served:
+        return 0
     return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri,
                             "--host", "127.0.0.1", "--port", str(args.port)])
 

@@ -318,3 +318,30 @@ def test_a_wheel_install_runs_from_any_folder(tmp_path, imagefolder, tracking_db
     _, runs = runs_in(tracking_db, "wheel")
     assert sorted(r.data.tags["tricks"] for r in runs if r.data.tags[ROLE] == JOB) == ["baseline", "flip"]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_mlflows_own_variables_choose_the_store_and_experiment(tmp_path, imagefolder, tracking_db, monkeypatch):
+    """MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME, as every MLflow tool reads them, are the defaults of the
+    jobs and of the report; the command line still wins; a password in the variable is refused before anything
+    starts (it would be logged as a param), masked in the error."""
+    other = tmp_path / "other.db"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tracking_db}", "MLFLOW_EXPERIMENT_NAME": "from-env"}
+    data = [*TINY, "data=imagefolder", f"data.path={imagefolder('tar')}", f"data.cache_dir={tmp_path / 'cache'}"]
+    res = run_cli(["trick=[flip]", *data], tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _, runs = runs_in(tracking_db, "from-env")
+    assert [r.data.tags["tricks"] for r in runs if r.data.tags[ROLE] == JOB] == ["flip"]
+    assert runs[0].data.params["mlflow.tracking_uri"] == f"sqlite:///{tracking_db}"
+    res = run_cli(["trick=[flip]", *data, f"mlflow.tracking_uri=sqlite:///{other}"], tmp_path, env=env)
+    assert res.returncode == 0 and runs_in(other, "from-env")[1], res.stderr[-3000:]  # the command line wins
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert report_main(["--out", str(tmp_path / "rep"), "--no-figures"]) == 0
+    (table,) = (tmp_path / "rep").glob("*.md")
+    assert "experiment from-env" in table.read_text()
+
+    secret = {"MLFLOW_TRACKING_URI": "http://alice:hunter2@trackhost:5000"}
+    res = run_cli(["trick=[flip]", *data], tmp_path / "rep", env=secret)
+    assert res.returncode == 1 and "hunter2" not in res.stdout + res.stderr
+    assert "error: invalid config: MLFLOW_TRACKING_URI='http://alice:***@trackhost:5000'" in res.stderr, res.stderr
+    assert "MLFLOW_TRACKING_PASSWORD" in res.stderr and not (tmp_path / "rep" / "multirun").exists()

@@ -48,8 +48,8 @@ def job_steps(cfg: DictConfig):
     from .data import load_images
     from .jobrun import SKIP, claim, job_run, join_sweep
     from .lineage import log_datasets, log_or_warn
-    from .tracking import open_experiment
     from .steps import device_tags
+    from .tracking import open_experiment
     from .train import build, pick_device, training
 
     apply_trick_params(cfg)  # ablation.params into the chosen tricks

@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from . import attribution
 from .designs import DESIGNS
 from .tables import Table, build_table, compare_markdown, configurations, markdown, write_csv
-from .tracking import JOB, REPORT, ROLE, SWEEP, client_for, missing_store, sweep_jobs
+from .tracking import JOB, REPORT, ROLE, SWEEP, client_for, default_uri, missing_store, sweep_jobs
 
 
 def load_sweep(client, exp_id: str, sweep: str):
@@ -141,7 +141,7 @@ def write_report(client, exp_id: str, sweep: str, table: Table, text: str, out: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.report", description=__doc__.split("\n")[0])
-    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+    ap.add_argument("--tracking-uri", default=default_uri(),
                     help="default: MLFLOW_TRACKING_URI where set, else sqlite:///mlflow.db")
     ap.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "cifar-ablation"))
     ap.add_argument("--sweep", default="latest", help="a sweep id (the parent run id), 'latest' or 'all'")

@@ -40,6 +40,12 @@ def system_metrics(uri: str, run_id: str, resumed: bool) -> Any:
     return monitor
 
 
+def default_uri() -> str:
+    """The store a reader (report, UI) opens by default: MLflow's own MLFLOW_TRACKING_URI where set, else the
+    sqlite file the jobs write by default (conf/config.yaml's mlflow.tracking_uri says the same)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+
+
 def client_for(uri: str) -> MlflowClient:
     """A client whose store is ready. A sqlite store is created (schema, migrations) under a file lock beside it:
     MLflow's own creation is not safe when several launchers start at once on a new store (it fails with

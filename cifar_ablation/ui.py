@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from .tracking import ROLE, SWEEP, client_for, missing_store
+from .tracking import ROLE, SWEEP, client_for, default_uri, missing_store
 
 BROWSER = "/usr/bin/chromium"  # Debian's chromium; Playwright drives it (no browser download)
 # A headless Chromium on a closed network: no sandbox as root, none of its own background connections.
@@ -130,7 +129,7 @@ def latest_sweep(tracking_uri: str, experiment: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cifar_ablation.ui", description=__doc__.split("\n")[0])
-    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+    ap.add_argument("--tracking-uri", default=default_uri(),
                     help="default: MLFLOW_TRACKING_URI where set, else sqlite:///mlflow.db")
     ap.add_argument("--port", type=int, default=5000)
     ap.add_argument("--experiment", default=None, help="with --screenshots: the experiment to picture")

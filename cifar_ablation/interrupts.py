@@ -5,6 +5,7 @@ stopped any of these ways closes KILLED, and the next launch (or the requeued jo
 from __future__ import annotations
 
 import signal
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -26,10 +27,9 @@ class JobSignals:
     def __init__(self) -> None:
         self.seen: set[str] = set()
         self.held: list[int] = []
-        self.main_thread = True
 
     def hold(self) -> None:
-        if self.main_thread:
+        if threading.current_thread() is threading.main_thread():  # elsewhere signals are the host's
             for s in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(s, lambda signum, frame: self.held.append(signum))
 
@@ -53,7 +53,7 @@ def job_signals() -> Iterator[JobSignals]:
         if callable(chained):
             signal.signal(usr2, on_usr2)
     except ValueError:  # not the main thread
-        js.main_thread, previous = False, {}
+        previous = {}
     try:
         yield js
     finally:

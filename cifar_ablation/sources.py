@@ -143,9 +143,9 @@ def ensure_cifar10(root: Path) -> None:
                     "Offline? Put torchvision's cifar-10-batches-py under data.root=DIR, or train from a local "
                     "copy laid out train/<class>/*, test/<class>/*: data=imagefolder data.path=PATH "
                     "(e.g. data.path=../shared/data/cifar10-jpeg.tar.gz).") from e
-            unpacked = Path(tmp) / CIFAR10_FOLDER
-            if cifar10_missing(Path(tmp)):
-                raise DataError(f"{CIFAR10.url} unpacked without {cifar10_missing(Path(tmp))}")
+            unpacked, lacking = Path(tmp) / CIFAR10_FOLDER, cifar10_missing(Path(tmp))
+            if lacking:
+                raise DataError(f"{CIFAR10.url} unpacked without {lacking}")
             shutil.rmtree(root / CIFAR10_FOLDER, ignore_errors=True)  # an incomplete copy of the user's
             os.replace(unpacked, root / CIFAR10_FOLDER)
 

@@ -84,33 +84,6 @@ def test_the_server_refuses_whoever_has_no_password(cluster):
     assert cluster.client().get_experiment_by_name("nobody") is None
 
 
-def test_a_sweep_runs_as_a_slurm_array_into_the_authenticated_server(cluster, tmp_path, imagefolder):
-    data = imagefolder("tar", per_class=40)
-    res = run_cli(["-m", "trick=[],[flip]", "seed=0", *SLURM, *job_args(tmp_path, data, cluster, "slurm"),
-                   "mlflow.log_model=true"], tmp_path, env=cluster.env, timeout=600)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    runs = cluster.runs("slurm")
-    (parent,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
-    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
-    assert parent.info.status == "FINISHED" and len(jobs) == 2
-    array = {r.data.tags["slurm_job"].split("_")[0] for r in jobs}
-    assert len(array) == 1 and sorted(r.data.tags["slurm_job"].split("_")[1] for r in jobs) == ["0", "1"]
-    client = cluster.client()
-    for r in jobs:
-        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1, 2]
-    # each job's trained net went through the server into PostgreSQL and its artifact store, as a model
-    models = client.search_logged_models([parent.info.experiment_id])
-    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in jobs)
-    assert all(m.status == LoggedModelStatus.READY for m in models)
-    # the password is nowhere MLflow or Hydra keep things: params, tags, saved configs, job folders, the models
-    for r in runs:
-        assert cluster.password not in str(r.data.params) + str(r.data.tags)
-    files = [*tmp_path.rglob("*"), *(cluster.root / "artifacts").rglob("*")]
-    leaks = [p for p in files if p.is_file() and cluster.password.encode() in p.read_bytes()]
-    assert len(list((cluster.root / "artifacts").rglob("model.pt2"))) >= 2 and not leaks
-
-
 SLOW = ["train.epochs=8", "model.widths=[32,64]", "model.dense=64", "data.subset=600", "train.batch_size=20"]
 
 
@@ -195,12 +168,14 @@ def test_requeued_jobs_resume_their_own_runs(cluster, tmp_path, imagefolder):
             assert again[t].data.metrics[key] == plain[t].data.metrics[key], (t, key)
 
 
-def test_scancel_then_relaunch_resumes_skips_and_reports_every_configuration(cluster, tmp_path, imagefolder):
-    """scancel of a running job: its run KILLED with the reason, the sweep FAILED. The same command again skips
+def test_a_sweep_runs_as_a_slurm_array_and_scancel_then_relaunch_resumes_skips_and_reports_it(cluster, tmp_path,
+                                                                                               imagefolder):
+    """A sweep as one SLURM array into the authenticated server, each job's trained net logged as a model through
+    it. scancel of a running job: its run KILLED with the reason, the sweep FAILED. The same command again skips
     the finished job, resumes the cancelled one from its checkpoint, nests it under the new sweep, and the new
-    sweep's report holds both configurations."""
+    sweep's report holds both configurations. The password is nowhere MLflow or Hydra keep things."""
     args = ["trick=[],[flip]", "seed=0", *job_args(tmp_path, imagefolder("tar", per_class=200), cluster, "cancel"),
-            *SLOW, *SLURM]
+            *SLOW, *SLURM, "mlflow.log_model=true"]
     proc = launch(args, tmp_path, cluster.env)
     run = wait_until("epoch 2 of [flip]", lambda: job_at_epoch(cluster, "cancel", "flip", 2))
     subprocess.run(["scancel", run.data.tags["slurm_job"]], env={**os.environ, **cluster.env}, check=True)
@@ -212,6 +187,8 @@ def test_scancel_then_relaunch_resumes_skips_and_reports_every_configuration(clu
     assert first.info.status == "FAILED" and "jobs:" in first.data.tags["failure_reason"]
     assert jobs["flip"].info.status == "KILLED" and "Terminated" in jobs["flip"].data.tags["failure_reason"]
     assert jobs["baseline"].info.status == "FINISHED"
+    array = {r.data.tags["slurm_job"].split("_")[0] for r in jobs.values()}  # one array, a task per job
+    assert len(array) == 1 and sorted(r.data.tags["slurm_job"].split("_")[1] for r in jobs.values()) == ["0", "1"]
 
     again = run_cli(["-m", *args], tmp_path, env=cluster.env, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
@@ -224,10 +201,23 @@ def test_scancel_then_relaunch_resumes_skips_and_reports_every_configuration(clu
     assert base.data.tags["sweep_id"] == first.info.run_id and base.data.tags[f"{MEMBER}{second.info.run_id}"] == "1"
     assert flip.info.run_id == run.info.run_id and flip.info.status == "FINISHED"
     assert flip.data.tags["mlflow.parentRunId"] == second.info.run_id  # the UI nests it under the new sweep
-    assert [m.step for m in cluster.client().get_metric_history(flip.info.run_id, "val_acc")] == list(range(1, 9))
+    client = cluster.client()
+    assert [m.step for m in client.get_metric_history(flip.info.run_id, "val_acc")] == list(range(1, 9))
     assert report_main(["--tracking-uri", cluster.uri, "--experiment", "cancel", "--out", str(tmp_path / "rep")]) == 0
     text = (tmp_path / "rep" / "ladder.md").read_text()
     assert "| 0 | baseline | 1 |" in text and "| 1 | flip | 1 |" in text and "Missing" not in text
+
+    # each job's trained net went through the server into PostgreSQL and its artifact store, as a model: the
+    # baseline's by the first sweep, the resumed flip's by the second
+    models = client.search_logged_models([second.info.experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in jobs.values())
+    assert all(m.status == LoggedModelStatus.READY for m in models)
+    # the password is nowhere MLflow or Hydra keep things: params, tags, saved configs, job folders, the models
+    for r in runs:
+        assert cluster.password not in str(r.data.params) + str(r.data.tags)
+    files = [*tmp_path.rglob("*"), *(cluster.root / "artifacts").rglob("*")]
+    leaks = [p for p in files if p.is_file() and cluster.password.encode() in p.read_bytes()]
+    assert len(list((cluster.root / "artifacts").rglob("model.pt2"))) >= 2 and not leaks
 
 
 def test_sixteen_concurrent_jobs_write_through_the_server_and_nothing_is_lost(cluster, tmp_path, imagefolder):

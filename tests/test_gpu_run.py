@@ -32,6 +32,18 @@ def gpu_run(env: dict, out: Path, *args: str, timeout: int = 600) -> tuple[subpr
     return res, log
 
 
+def kill_one_run(db_path: Path, rung: int, seed: int) -> str:
+    """The FINISHED job run of `rung` and `seed` in the store made KILLED, as a budget's end leaves it; its id."""
+    db = sqlite3.connect(db_path)
+    (run,) = db.execute("select r.run_uuid from runs r join tags a on a.run_uuid = r.run_uuid and a.key = 'rung' "
+                        "join tags b on b.run_uuid = r.run_uuid and b.key = 'seed' where a.value = ? and "
+                        "b.value = ? and r.status = 'FINISHED'", (str(rung), str(seed))).fetchone()
+    db.execute("update runs set status = 'KILLED' where run_uuid = ?", (run,))
+    db.commit()
+    db.close()
+    return run
+
+
 @pytest.fixture(scope="module")
 def first(tmp_path_factory):
     """The first call, all steps, with a stand-in nvidia-smi (utilization %, memory MiB, power W) on the PATH."""
@@ -116,13 +128,7 @@ def test_a_ladder_the_run_did_not_finish_is_published_apart(first, tmp_path):
     first call's store with one run of rung 8, seed 2 made KILLED, as a budget's end leaves it."""
     out = tmp_path / "out"
     shutil.copytree(first.out, out)
-    db = sqlite3.connect(out / "mlflow.db")
-    (run,) = db.execute("select r.run_uuid from runs r join tags a on a.run_uuid = r.run_uuid and a.key = 'rung' "
-                        "join tags b on b.run_uuid = r.run_uuid and b.key = 'seed' where a.value = '8' and "
-                        "b.value = '2' and r.status = 'FINISHED'").fetchone()
-    db.execute("update runs set status = 'KILLED' where run_uuid = ?", (run,))
-    db.commit()
-    db.close()
+    kill_one_run(out / "mlflow.db", rung=8, seed=2)
     dest = tmp_path / "experiments"
     (dest / "slide_ladder").mkdir(parents=True)
     (dest / "slide_ladder" / "ladder.md").write_text("the published ladder")
@@ -151,11 +157,20 @@ def test_a_ladder_an_earlier_call_cut_goes_on_after_the_bench_and_the_forms(firs
 
 
 def test_a_ladder_whose_processes_fail_as_it_starts_goes_on_as_one_gang(tmp_path, first):
-    """Here the processes fail because there are 0 of them, which the launcher refuses."""
-    env = {**first.env, "WORK": str(tmp_path / "work"), "PROCS": "0"}
+    """Here the processes fail because there are 0 of them, which the launcher refuses. On the first call's WORK,
+    its ladder's marks taken back and one run made KILLED (as a cut leaves it): the one gang skips the 26 finished
+    jobs and resumes the killed one, as a relaunch after a failed start does (and none of 27 trains twice)."""
+    work = tmp_path / "work"
+    shutil.copytree(first.tmp / "work", work)
+    for mark in ("done/ladder", "done/report", "ladder_started"):
+        (work / mark).unlink()
+    killed = kill_one_run(work / "mlflow.db", rung=8, seed=2)
+    env = {**first.env, "WORK": str(work), "PROCS": "0"}
     _, log = gpu_run(env, tmp_path / "out", "--steps", "ladder", timeout=300)
     assert "hydra.launcher.processes=0" in log and "it goes on as one gang in one process" in log
     assert "Launching 27 jobs in this process" in log and log.split("==== summary of")[0].count("== ladder: exit 0") == 1
+    assert log.count("skipping ") == 26 and f"resuming interrupted run {killed}" in log
+    assert "FINISHED (jobs: FINISHED: 27)" in log
 
 
 def test_the_run_publishes_under_its_name_as_the_published_results_are_checked(first, tmp_path):

@@ -99,18 +99,21 @@ def postgres(root: Path) -> Iterator[tuple[str, str]]:
 
 @contextlib.contextmanager
 def mlflow_server(root: Path, backend: str, db_password: str = "", auth: bool = True,
-                  host: str = "0.0.0.0") -> Iterator[dict]:
+                  host: str = "0.0.0.0", auth_cache_s: int = 60) -> Iterator[dict]:
     """`mlflow server` over `backend` (its password in PGPASSWORD), artifacts under root/artifacts, bound to
     `host` (every interface by default: jobs on other nodes reach it), with MLflow's basic-auth app and a
     generated admin password (auth=False: open, for loopback only). Yields uri, username, password and the log
-    path. Its own users live in root/auth.db."""
+    path. Its own users live in root/auth.db. auth_cache_s: MLflow's auth_cache_ttl_seconds, as the README
+    advises (a worker checks a password's hash once in that time, not on every request; 0: MLflow's default,
+    every request)."""
     port, password = free_port(), secrets.token_urlsafe(12)
     ini = root / "auth.ini"
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{root / 'auth.db'}\n"
                    "admin_username = admin\n"
                    f"admin_password = {password}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   f"auth_cache_ttl_seconds = {auth_cache_s}\n")
     log = root / "mlflow-server.log"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
            str(root / "artifacts"), "--host", host, "--port", str(port), "--workers", "2",
@@ -134,7 +137,7 @@ def mlflow_server(root: Path, backend: str, db_password: str = "", auth: bool = 
             return False
     try:
         wait_for(up, "mlflow server", 120, log)
-        yield {"uri": uri, "username": "admin", "password": password, "log": log}
+        yield {"uri": uri, "username": "admin", "password": password, "log": log, "pid": proc.pid}
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

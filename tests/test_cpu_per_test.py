@@ -18,7 +18,8 @@ def test_a_tests_child_processes_count_to_it_and_the_costliest_comes_first(tmp_p
     out = tmp_path / "cpu.txt"
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.cpu_per_test", "-p", "no:cacheprovider",
                           "--rootdir", str(tmp_path), str(tmp_path / "test_two.py")], capture_output=True, text=True,
-                         env={**os.environ, "CPU_PER_TEST": str(out), "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+                         env={**{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"},  # CI's --basetemp
+                              "CPU_PER_TEST": str(out), "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     head, first, second = out.read_text().splitlines()
     assert head.endswith("s of wall") and float(head.split()[0]) >= 0.5

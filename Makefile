@@ -10,7 +10,7 @@ PORT   ?= 5000
 DATA ?= $(if $(wildcard $(MIRROR)),$(MIRROR),cifar10)
 DATA_ARGS ?= $(if $(filter cifar10,$(DATA)),data=cifar10,data=imagefolder data.path=$(DATA))
 
-.PHONY: help install services demo test test-slow ladder gpu-prep gpu-run gpu-publish report ui screenshots bench clean
+.PHONY: help install services demo test test-slow ladder gpu-prep gpu-rehearse gpu-run gpu-publish report ui screenshots bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ ladder: install  ## the slide's ladder: 9 cumulative rungs x 3 seeds (CIFAR-10, 
 
 gpu-prep:  ## before a GPU run: wheels (Hydra, MLflow, pytest, py-spy) into .whl/, the mirror into data/ (git-ignored)
 	bash experiments/gpu_prep.sh $(MIRROR)
+
+gpu-rehearse:  ## after gpu-prep: the GPU run's tiny mode as the GPU machine runs it (Python 3.12, torch 2.11, .whl)
+	bash experiments/gpu_rehearse.sh $(or $(OUT),gpu_rehearsal)
 
 gpu-run:  ## the prepared GPU run of issue #10 into OUT=gpu_out; STEPS=ladder,tests,bench,forms; TINY=--tiny on a CPU
 	bash experiments/gpu_run.sh $(TINY) $(if $(STEPS),--steps $(STEPS)) $(or $(OUT),gpu_out)

@@ -25,9 +25,10 @@
 # The GPU tests check results, not speed: they run in the background beside the trainings measured for accuracy
 # (the ladder, the forms), never beside the benchmark; the out-of-memory test runs with nothing else on the GPU.
 # The GPU machine has python3 with torch but no Hydra or MLflow, no network, and no ../shared: carry the wheels
-# (make gpu-prep: experiments/gpu_prep.sh) and the data (data/cifar10-jpeg.tar.gz) in
-# the checkout; the script installs the wheels into /tmp/site when Hydra is missing. --tiny is the same script
-# at toy sizes on the CPU, for rehearsal here (tests/test_gpu_run.py runs it).
+# (make gpu-prep: experiments/gpu_prep.sh) and the data (data/cifar10-jpeg.tar.gz) in the checkout; the script
+# installs the wheels into SITE (default /tmp/site) when Hydra is missing. --tiny is the same script at toy sizes on
+# the CPU, for rehearsal here (tests/test_gpu_run.py runs it in .venv; make gpu-rehearse under the GPU machine's
+# Python 3.12 and torch 2.11, from the wheels: experiments/gpu_rehearse.sh).
 # Budget (seconds of the whole run): GPU_RUN_BUDGET, default 540 (the device tool allows 600 per command).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,7 @@ while [ $# -gt 0 ]; do
 done
 OUT=${1:-${OUT:-gpu_out}}
 PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}  # where the carried wheels go (pip --target), ahead of the image's packages on PYTHONPATH
 WORK=${WORK:-$([ $TINY = 1 ] && mktemp -d /tmp/gpu_run.XXXX || echo /tmp/cifar_ablation_gpu)}
 BUDGET=${GPU_RUN_BUDGET:-540}
 T0=$(date +%s)
@@ -105,10 +107,10 @@ trap cleanup EXIT
 
 # --- 1. environment: Hydra and MLflow from the carried wheels where missing; the data; MPS ------------------
 if ! $PY -c "import hydra, mlflow" 2>/dev/null; then
-  [ -d /tmp/site/hydra ] || step wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile \
-    --target /tmp/site .whl/*.whl || exit 1
+  [ -d "$SITE/hydra" ] || step wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile \
+    --target "$SITE" .whl/*.whl || exit 1
 fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+[ -d "$SITE" ] && export PYTHONPATH=$SITE:${PYTHONPATH:-}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 DATA=${DATA:-}
 for f in data/cifar10-jpeg.tar.gz ../shared/data/cifar10-jpeg.tar.gz; do
@@ -155,8 +157,8 @@ else
   OPS=(--device cuda --batch-size 128)
 fi
 STORE=sqlite:///$WORK/mlflow.db
-# py-spy: carried as a wheel (make gpu-prep) into /tmp/site; here beside the Python (make install)
-SPY=$(command -v py-spy || ls /tmp/site/bin/py-spy "$(dirname "$(command -v "$PY")")/py-spy" 2>/dev/null | head -1)
+# py-spy: carried as a wheel (make gpu-prep) into SITE; here beside the Python (make install)
+SPY=$(command -v py-spy || ls "$SITE/bin/py-spy" "$(dirname "$(command -v "$PY")")/py-spy" 2>/dev/null | head -1)
 SPY_AT=$([ $TINY = 1 ] && echo 2 || echo 150) SPY_S=$([ $TINY = 1 ] && echo 3 || echo 10)
 save() { cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null; }
 

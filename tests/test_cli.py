@@ -298,11 +298,14 @@ def test_a_wheel_install_runs_from_any_folder(tmp_path, imagefolder, tracking_db
         shutil.copyfile(root / f, src / f)
     for d in ("cifar_ablation", "conf", "hydra_plugins"):
         shutil.copytree(root / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
-                    str(src)], check=True, capture_output=True, cwd=tmp_path)
+    # without isolation: the build backend is this environment's (the dev extra's setuptools>=68)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                            str(dist), str(src)], capture_output=True, text=True, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = dist.glob("cifar_ablation-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True)
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                                str(wheel)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
     (site / "sitecustomize.py").write_text(  # the editable install's path entry (the checkout) taken away
         f"import sys\nsys.path[:] = [p for p in sys.path if p.rstrip('/') != {str(root)!r}]\n")
     work.mkdir()

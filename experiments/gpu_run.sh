@@ -106,11 +106,11 @@ cleanup() {
 trap cleanup EXIT
 
 # --- 1. environment: Hydra and MLflow from the carried wheels where missing; the data; MPS ------------------
-if ! $PY -c "import hydra, mlflow" 2>/dev/null; then
+if ! $PY -c "import hydra, mlflow" 2>/dev/null; then  # SITE only where they are missing: never over an install
   [ -d "$SITE/hydra" ] || step wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile \
     --target "$SITE" .whl/*.whl || exit 1
+  export PYTHONPATH=$SITE:${PYTHONPATH:-}
 fi
-[ -d "$SITE" ] && export PYTHONPATH=$SITE:${PYTHONPATH:-}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 DATA=${DATA:-}
 for f in data/cifar10-jpeg.tar.gz ../shared/data/cifar10-jpeg.tar.gz; do

@@ -52,8 +52,13 @@ def first(tmp_path_factory):
     smi.parent.mkdir()
     smi.write_text("#!/bin/sh\ncase \"$*\" in *utilization*) echo '37, 1234, 123.4' ;; *) echo '123.4' ;; esac\n")
     smi.chmod(0o755)
+    # a wheels' folder left from an earlier call (make gpu-rehearse's, another Python's): with Hydra and MLflow
+    # installed the script must not put it on the path
+    stray = tmp / "site" / "mlflow"
+    stray.mkdir(parents=True)
+    (stray / "__init__.py").write_text("raise ImportError('gpu_run.sh put SITE on PYTHONPATH over an install')\n")
     env = {**os.environ, "PYTHON": sys.executable, "DATA": str(make_imagefolder(tmp, "tar", per_class=80)),
-           "WORK": str(tmp / "work"), "OMP_NUM_THREADS": "1", "GPU_RUN_BUDGET": "400",
+           "WORK": str(tmp / "work"), "OMP_NUM_THREADS": "1", "GPU_RUN_BUDGET": "400", "SITE": str(tmp / "site"),
            "PATH": f"{smi.parent}:{os.environ['PATH']}"}
     res, log = gpu_run(env, tmp / "out")
     return SimpleNamespace(tmp=tmp, env=env, out=tmp / "out", log=log, stdout=res.stdout)

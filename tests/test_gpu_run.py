@@ -52,7 +52,7 @@ def first(tmp_path_factory):
     smi.parent.mkdir()
     smi.write_text("#!/bin/sh\ncase \"$*\" in *utilization*) echo '37, 1234, 123.4' ;; *) echo '123.4' ;; esac\n")
     smi.chmod(0o755)
-    # a wheels' folder left from an earlier call (make gpu-rehearse's, another Python's): with Hydra and MLflow
+    # a wheels' folder left by an earlier run by hand (another Python's wheels, say): with Hydra and MLflow
     # installed the script must not put it on the path
     stray = tmp / "site" / "mlflow"
     stray.mkdir(parents=True)

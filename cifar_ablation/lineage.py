@@ -10,8 +10,8 @@ digests agree. A relaunch logs the same inputs again, which MLflow keeps once.
 The model (mlflow.log_model, on by default): one per FINISHED run. MLflow 3 keeps a model as a LoggedModel of
 the run's experiment (its Models tab: each model with the run's final metrics, each under the dataset it measures,
 and params), linked to the run that made it. Ours, named "model", is the net as the last epoch left it behind the
-training loader's normalization (data.Normalize), on the CPU in eval mode, saved in MLflow's default format for
-PyTorch (torch.export's pt2: no pickled code; torch alone loads it):
+training loader's normalization (data.Normalize), on the CPU in eval mode, saved as torch.export's pt2 (no pickled
+code; torch alone loads it; asked for by name: MLflow's default was pickle before 3.14, and is on Databricks):
 
     net = mlflow.pytorch.load_model("runs:/<run id>/model")    # or "models:/<model id>"
     logits = net(images)                                        # uint8 (N, 3, 32, 32) -> float32 (N, 10)
@@ -159,7 +159,7 @@ def save_model(client: MlflowClient, uri: str, exp_id: str, run: Any, net: nn.Mo
                                       tags={k: v for k, v in run.data.tags.items() if k in keep})
     with fluent_store(uri):  # not given the run: MLflow would link the run's metrics without their datasets
         mlflow.pytorch.log_model(
-            model, name=NAME, model_id=made.model_id, signature=signature,
+            model, name=NAME, model_id=made.model_id, signature=signature, serialization_format="pt2",
             input_example=x.numpy(), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             metadata={"classes": list(images.classes), "input": "uint8 images (N, C, H, W), unnormalized",
                       "data_source": images.source, "data_checksum": images.checksum})

@@ -25,7 +25,8 @@ from mlflow.exceptions import MlflowException
 from . import attribution
 from .designs import DESIGNS
 from .tables import Table, build_table, compare_markdown, configurations, markdown, write_csv
-from .tracking import JOB, REPORT, ROLE, SWEEP, client_for, default_uri, missing_store, sweep_jobs
+from .checks import UserError
+from .tracking import JOB, REPORT, ROLE, SWEEP, default_uri, reader, sweep_jobs
 
 
 def load_sweep(client, exp_id: str, sweep: str):
@@ -154,13 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="per trick, what every design in the experiment says it bought (latest sweep of each)")
     args = ap.parse_args(argv)
 
-    missing = missing_store(args.tracking_uri)
-    if missing:
-        print(f"error: no MLflow store at {missing} (--tracking-uri {args.tracking_uri}); "
-              "run a sweep first, or point --tracking-uri at the store it wrote", file=sys.stderr)
-        return 2
-    client = client_for(args.tracking_uri)
     try:
+        client = reader(args.tracking_uri)
         if args.attribution:
             text = attribution.markdown(attribution_tables(client, args.experiment)[1], args.experiment)
             print(text)
@@ -176,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"compare_{args.compare[0]}_{args.compare[1]}.md").write_text(text)
             return 0
         exp_id, sweep, runs, table = sweep_table(client, args.experiment, args.sweep, args.design)
-    except LookupError as e:
+    except (LookupError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = render(table, f"{table.design.name} — experiment {args.experiment}, sweep {sweep} ({len(runs)} runs)")

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from .checks import UserError
 from .config import validate
 from .factorial import check_factorial, plan
+from .job import user_errors
 from .progress import Progress, count_jobs
 from .tracking import PARENT_ENV, ROLE, SWEEP, open_experiment, process_alive, sweep_jobs
 
@@ -53,19 +54,20 @@ class SweepTracking(Callback):
         """Launchers pickle their callbacks into each job process (joblib, submitit): there, this is inert."""
         return {"client": None, "parent": None, "progress": None, "folder": self.folder}
 
+    # A UserError leaves a callback as SystemExit (user_errors): Hydra makes any Exception of a callback a warning.
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if valid(config):
-            open_experiment(config)
+            with user_errors():  # a store this MLflow cannot open
+                open_experiment(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.ablation.design == "factorial":  # before Hydra's sweeper composes every one of its 2**k jobs
-            try:
+            with user_errors():
                 check_factorial(list(config.ablation.order), config.ablation.fraction)
-            except UserError as e:
-                raise SystemExit(f"error: {e}") from None  # a callback's Exception would only be a warning
         if not valid(config):  # no store, no parent run: the first job reports the error
             return
-        self.client, exp_id = open_experiment(config)
+        with user_errors():
+            self.client, exp_id = open_experiment(config)
         name = f"sweep {config.ablation.design} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         run = self.client.create_run(exp_id, run_name=name, tags={ROLE: SWEEP, "design": config.ablation.design})
         self.parent = run.info.run_id

@@ -7,6 +7,7 @@ launcher never share fluent "active run" state.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+
+from .checks import UserError
 
 PARENT_ENV = "CIFAR_ABLATION_SWEEP_RUN"   # the sweep's parent run id, inherited by every job process
 ROLE, SWEEP, JOB, REPORT = "cifar_ablation.role", "sweep", "job", "report"
@@ -55,18 +58,36 @@ def client_for(uri: str) -> MlflowClient:
     db = Path(uri[len("sqlite:///"):]).expanduser()
     db.parent.mkdir(parents=True, exist_ok=True)  # MLflow 3.17 makes it itself; older releases in our range may not
     with FileLock(db.with_name(db.name + ".lock")):
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # the store's creation or upgrade happens here, one process at a time
+        try:  # the store's creation or upgrade happens here, one process at a time
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        except MlflowException as e:
+            raise newer_store(db, e) from None
     return client
 
 
-def missing_store(uri: str) -> Path | None:
-    """The sqlite file a reader (report, UI) was pointed at, when it does not exist: reading must not create an
-    empty store. None for an existing file or a server."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///"):]).expanduser()
-    return None if db.exists() else db.resolve()
+def newer_store(db: Path, e: MlflowException) -> Exception:
+    """What to say when MLflow cannot open a sqlite store's schema. MLflow upgrades a store an older MLflow wrote
+    as it opens it; a store a newer one wrote (the published stores: MLflow 3.17) stops it with "run 'mlflow db
+    upgrade'", which cannot help: this MLflow knows no newer schema. Any other error is returned as it was."""
+    found = re.search(r"out-of-date database schema \(found version (\w+)", str(e))
+    if not found:
+        return e
+    import mlflow
+
+    return UserError(f"the store {db} was written by a newer MLflow than this one ({mlflow.__version__}): its schema "
+                     f"({found[1]}) is unknown here. Upgrade MLflow where you read it: pip install -U mlflow")
+
+
+def reader(uri: str) -> MlflowClient:
+    """A client for a reader (report, UI); UserError, saying why, where the sqlite file it names does not exist
+    (reading must not create an empty store) or holds a store this MLflow cannot read."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).expanduser()
+        if not db.exists():
+            raise UserError(f"no MLflow store at {db.resolve()} (--tracking-uri {uri}): run a sweep first (make demo), "
+                            "or point --tracking-uri at the store it wrote")
+    return client_for(uri)
 
 
 def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:

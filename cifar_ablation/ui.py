@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from .tracking import ROLE, SWEEP, client_for, default_uri, missing_store
+from .checks import UserError
+from .tracking import ROLE, SWEEP, client_for, default_uri, reader
 
 BROWSER = "/usr/bin/chromium"  # Debian's chromium; Playwright drives it (no browser download)
 # A headless Chromium on a closed network: no sandbox as root, none of its own background connections.
@@ -135,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default=None, help="with --screenshots: the experiment to picture")
     ap.add_argument("--screenshots", metavar="DIR", help="save pictures of the UI to DIR instead of serving")
     args = ap.parse_args(argv)
-    missing = missing_store(args.tracking_uri)
-    if missing:
-        print(f"error: no MLflow store at {missing}; run a sweep first (make demo)", file=sys.stderr)
+    try:
+        client = reader(args.tracking_uri)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.screenshots:
         exp_id, sweep = latest_sweep(args.tracking_uri, args.experiment or "cifar-ablation")
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     served = args.tracking_uri.startswith(("http://", "https://"))  # a tracking server has its UI already
     base = args.tracking_uri.rstrip("/") if served else f"http://127.0.0.1:{args.port}"
-    for exp in client_for(args.tracking_uri).search_experiments():
+    for exp in client.search_experiments():
         print(f"  {exp.name}: {runs_url(base, exp.experiment_id)}")
     if served:
         return 0

@@ -1,0 +1,52 @@
+"""The stores a reader (report, UI) and a job open: one that is not there, one a newer MLflow wrote."""
+from __future__ import annotations
+
+import sqlite3
+
+from mlflow.tracking import MlflowClient
+
+from cifar_ablation.report import main as report_main
+from cifar_ablation.ui import main as ui_main
+
+from .conftest import TINY, run_cli
+
+
+def test_a_report_on_a_missing_store_says_so_and_creates_nothing(tmp_path, capsys):
+    assert report_main(["--tracking-uri", f"sqlite:///{tmp_path / 'nope.db'}"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err and not (tmp_path / "nope.db").exists()
+    assert ui_main(["--tracking-uri", f"sqlite:///{tmp_path / 'nope.db'}"]) == 2  # make ui: the same
+    assert "no MLflow store at" in capsys.readouterr().err and not (tmp_path / "nope.db").exists()
+
+
+def test_a_store_a_newer_mlflow_wrote_stops_readers_and_jobs_saying_so(tmp_path, tracking_db, capsys):
+    """MLflow upgrades a store an older MLflow wrote as it opens it; one a newer MLflow wrote (its schema's
+    revision unknown here, as the published stores' 3.17 schema is to MLflow 3.11) stops it with advice to run
+    `mlflow db upgrade`, which cannot help. Every command says what can: a newer MLflow; the store is untouched."""
+    known = revision(tracking_db)  # (MLflow is not asked first: it keeps a store open per URI in a process)
+    set_revision(tracking_db, "ffffffffffff")  # a revision from the future
+    before = tracking_db.read_bytes()
+    said = "was written by a newer MLflow than this one"
+
+    assert report_main(["--tracking-uri", f"sqlite:///{tracking_db}", "--experiment", "Default"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "(ffffffffffff)" in err and "pip install -U mlflow" in err and "Traceback" not in err
+    assert ui_main(["--tracking-uri", f"sqlite:///{tracking_db}"]) == 2
+    assert said in capsys.readouterr().err
+    for sweep in ([], ["-m", "seed=0,1"]):  # a run, and a sweep (whose callback opens the store first)
+        res = run_cli([*sweep, *TINY, f"mlflow.tracking_uri=sqlite:///{tracking_db}"], tmp_path)
+        assert res.returncode == 1 and said in res.stderr, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr and "UserWarning" not in res.stderr
+    assert tracking_db.read_bytes() == before
+
+    set_revision(tracking_db, known)  # the same store at the revision this MLflow wrote opens as before
+    assert "Default" in [e.name for e in MlflowClient(f"sqlite:///{tracking_db}").search_experiments()]
+
+
+def revision(db_file) -> str:
+    with sqlite3.connect(db_file) as db:
+        return db.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+
+
+def set_revision(db_file, rev: str) -> None:
+    with sqlite3.connect(db_file) as db:
+        db.execute("UPDATE alembic_version SET version_num = ?", (rev,))

@@ -52,6 +52,22 @@ def test_the_factorial_design_is_every_subset_baseline_first():
         s for n in range(4) for s in itertools.combinations(TRICKS, n))
 
 
+@pytest.mark.parametrize("fraction", [None, 4])
+def test_a_designs_order_is_ours_whatever_order_pydoe3_gives(monkeypatch, fraction):
+    """The jobs and the tables' rows follow the plan's order: pyDOE3 1.0.3 listed a design's rows in the reverse
+    of the order later releases give. Ours: baseline first, the last trick's level changing fastest."""
+    import pyDOE3
+
+    order = ["noise", "batchnorm", "dropout", "flip", "crop", "capacity"]
+    ours = plan(order, fraction).configs
+    if fraction is None:
+        assert ours[:4] == [(), ("capacity",), ("crop",), ("crop", "capacity")] and len(ours) == 64
+    for made_by in ("ff2n", "fracfact_by_res"):
+        real = getattr(pyDOE3, made_by)
+        monkeypatch.setattr(pyDOE3, made_by, lambda *a, real=real: real(*a)[::-1])  # the rows the other way round
+    assert plan(order, fraction).configs == ours
+
+
 def test_effects_are_recovered_exactly_without_noise():
     fit = effects(TRICKS, samples(noise=0.0))
     assert {e.term: e.effect for e in fit.effects} == pytest.approx(TRUE, abs=1e-9)

@@ -56,7 +56,7 @@ def client_for(uri: str) -> MlflowClient:
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
     db = Path(uri[len("sqlite:///"):]).expanduser()
-    db.parent.mkdir(parents=True, exist_ok=True)  # MLflow 3.17 makes it itself; older releases in our range may not
+    db.parent.mkdir(parents=True, exist_ok=True)  # a new store's folder (not every MLflow made it)
     with FileLock(db.with_name(db.name + ".lock")):
         try:  # the store's creation or upgrade happens here, one process at a time
             client = MlflowClient(tracking_uri=uri)

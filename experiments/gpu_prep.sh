@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 MIRROR=${1:-../shared/data/cifar10-jpeg.tar.gz}
 LIMIT=$(( 64 * 1024 * 1024 ))
 rm -rf .whl  # afresh: two versions of one package stop the whole install there
-bash ../shared/tools/offline-wheels.sh .whl 'mlflow>=3.17,<3.18' submitit joblib 'pyDOE3>=1.0.3' pytest py-spy  # pyproject's ranges
+# MLflow and pyDOE3 within pyproject.toml's ranges
+bash ../shared/tools/offline-wheels.sh .whl 'mlflow>=3.17,<3.18' submitit joblib 'pyDOE3>=1.0.3' pytest py-spy
 for w in .whl/mlflow-[0-9]*.whl; do python3 experiments/slim_wheel.py "$w" mlflow/server/js/; done
 mkdir -p data && cp "$MIRROR" data/cifar10-jpeg.tar.gz
 bytes() { xargs -0 -r du -cb 2>/dev/null | awk '$2 == "total" { s += $1 } END { print s + 0 }'; }

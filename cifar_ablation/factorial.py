@@ -76,7 +76,7 @@ def plan(order: list[str], resolution: int | None = None) -> Plan:
     k = len(order)
     matrix = ff2n(k) if resolution is None else fracfact_by_res(k, resolution)
     # one row order whatever pyDOE3's release (1.0.3 lists the rows the other way round): the lowest levels first,
-    # so the baseline leads, and the last trick's level changes fastest; so the jobs and the tables' rows
+    # so the baseline leads, and the last trick's level changes fastest. The jobs run, and the tables list them, so.
     matrix = matrix[np.lexsort(matrix.T[::-1])]
     letters = dict(zip(string.ascii_lowercase, order))
     words = [[tuple(letters[c] for c in word) for word in chain.split(" = ")]

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -49,13 +50,18 @@ def default_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The file of a sqlite:/// store; None for any other store (a server, a database)."""
+    return Path(uri[len("sqlite:///"):]).expanduser() if uri.startswith("sqlite:///") else None
+
+
 def client_for(uri: str) -> MlflowClient:
     """A client whose store is ready. A sqlite store is created (schema, migrations) under a file lock beside it:
     MLflow's own creation is not safe when several launchers start at once on a new store (it fails with
     'duplicate column name' or 'table ... already exists')."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         return MlflowClient(tracking_uri=uri)
-    db = Path(uri[len("sqlite:///"):]).expanduser()
     db.parent.mkdir(parents=True, exist_ok=True)  # a new store's folder (not every MLflow made it)
     with FileLock(db.with_name(db.name + ".lock")):
         try:  # the store's creation or upgrade happens here, one process at a time
@@ -73,8 +79,6 @@ def newer_store(db: Path, e: MlflowException) -> Exception:
     found = re.search(r"out-of-date database schema \(found version (\w+)", str(e))
     if not found:
         return e
-    import mlflow
-
     return UserError(f"the store {db} was written by a newer MLflow than this one ({mlflow.__version__}): its schema "
                      f"({found[1]}) is unknown here. Upgrade MLflow where you read it: pip install -U mlflow")
 
@@ -82,11 +86,10 @@ def newer_store(db: Path, e: MlflowException) -> Exception:
 def reader(uri: str) -> MlflowClient:
     """A client for a reader (report, UI); UserError, saying why, where the sqlite file it names does not exist
     (reading must not create an empty store) or holds a store this MLflow cannot read."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).expanduser()
-        if not db.exists():
-            raise UserError(f"no MLflow store at {db.resolve()} (--tracking-uri {uri}): run a sweep first (make demo), "
-                            "or point --tracking-uri at the store it wrote")
+    db = sqlite_file(uri)
+    if db is not None and not db.exists():
+        raise UserError(f"no MLflow store at {db.resolve()} (--tracking-uri {uri}): run a sweep first (make demo), "
+                        "or point --tracking-uri at the store it wrote")
     return client_for(uri)
 
 

@@ -41,10 +41,15 @@ def run_job(cfg: DictConfig) -> float | None:
 
 def job_steps(cfg: DictConfig):
     """The job, yielding (the run's device) after its setup and after each training step; returns val_acc."""
-    # torch and MLflow are imported here, not above: cli() refuses an unknown trick before paying for them
+    # torch and MLflow are imported here, not above: cli() refuses an unknown trick before paying for them, and a
+    # bad value is refused before MLflow is imported (the checks need torch: the tricks' hooks are beside them)
+    from .config import apply_trick_params, validate
+
+    apply_trick_params(cfg)  # ablation.params into the chosen tricks
+    validate(cfg)  # bad values fail here, before any data is read or run opened
+
     import torch
 
-    from .config import apply_trick_params, validate
     from .data import load_images
     from .jobrun import SKIP, claim, job_run, join_sweep
     from .lineage import log_datasets, log_or_warn
@@ -52,8 +57,6 @@ def job_steps(cfg: DictConfig):
     from .tracking import open_experiment
     from .train import build, pick_device, training
 
-    apply_trick_params(cfg)  # ablation.params into the chosen tricks
-    validate(cfg)  # bad values fail here, before any data is read or run opened
     tricks = ordered_tricks(cfg.trick, cfg.ablation.order)
     client, exp_id = open_experiment(cfg)  # made by the launcher's callback already: a lookup here
     c = claim(cfg, client, exp_id)  # skip, resume or create; a live twin raises AlreadyRunning

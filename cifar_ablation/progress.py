@@ -4,7 +4,7 @@ parallel processes, SLURM jobs on other nodes).
 
     sweep 1f3c…: job 3 of 8 done (FINISHED 2, skipped 1; running 2); ETA 1 min 40 s
 
-N is the number of jobs Hydra's basic sweeper will launch (count_jobs); another sweeper leaves it unknown.
+N is the number of jobs Hydra's basic sweeper will launch (sweep.job_overrides); another sweeper leaves it unknown.
 The ETA is the jobs left times the sweep's pace so far: the time since the sweep began over the jobs it
 trained (a skipped job, already FINISHED in an earlier sweep, takes no time). With parallel jobs that pace is
 already per job slot, so the ETA needs no worker count.
@@ -15,29 +15,10 @@ import logging
 import threading
 import time
 
-from omegaconf import DictConfig
-
 from .tracking import sweep_jobs
 
 log = logging.getLogger("cifar_ablation.sweep")
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 DONE = ("FINISHED", "FAILED", "KILLED")
-
-
-def count_jobs(config: DictConfig) -> int | None:
-    """How many jobs Hydra's basic sweeper makes of this multirun: its sweeper params and the command line's
-    overrides, expanded as it expands them (glob() included). None for another sweeper."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    hc = config.hydra
-    if hc.sweeper.get("_target_") != BASIC_SWEEPER:
-        return None
-    params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()] + list(hc.overrides.task)
-    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
-    overrides = OverridesParser.create(config_loader=loader).parse_overrides(params)
-    return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
 
 
 def duration(seconds: float) -> str:

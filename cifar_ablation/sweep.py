@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .progress import Progress
 
 log = logging.getLogger("cifar_ablation.sweep")
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def valid(config: DictConfig) -> bool:
@@ -42,6 +43,45 @@ def valid(config: DictConfig) -> bool:
     except UserError:
         return False
     return True
+
+
+def job_overrides(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides, as Hydra's basic sweeper makes them from its params and the command line's sweeps
+    (glob() included), in its order; None for another sweeper."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hc = config.hydra
+    if hc.sweeper.get("_target_") != BASIC_SWEEPER:
+        return None
+    params = [f"{k}={v}" for k, v in (hc.sweeper.get("params") or {}).items()] + list(hc.overrides.task)
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(params)
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def check_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
+    """Every job's config, composed as its launcher will compose it, passes the checks before any job starts: a
+    bad value in a sweep's last job stops the sweep before its first trains. UserError naming the job and what
+    the sweep varies in it."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .config import apply_trick_params
+
+    loader = GlobalHydra.instance().config_loader()
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for o in job:
+            values.setdefault(o.partition("=")[0], set()).add(o.partition("=")[2])
+    for k, job in enumerate(jobs, 1):
+        cfg = loader.load_sweep_config(config, job)
+        try:
+            apply_trick_params(cfg)
+            validate(cfg)
+        except UserError as e:
+            swept = " ".join(o for o in job if len(values[o.partition("=")[0]]) > 1)
+            raise UserError(f"{e} (job {k} of {len(jobs)}{': ' + swept if swept else ''}; no job was started)") from e
 
 
 class SweepTracking(Callback):
@@ -70,9 +110,17 @@ class SweepTracking(Callback):
         if config.ablation.design == "factorial":  # before Hydra's sweeper composes every one of its 2**k jobs
             with user_errors():
                 check_factorial(list(config.ablation.order), config.ablation.fraction)
-        if not valid(config):  # no store, no parent run: the first job reports the error
+        try:
+            jobs = job_overrides(config)
+        except Exception as e:  # an override Hydra will refuse itself, a plugin's sweeper config
+            log.debug("could not list the sweep's jobs: %s", e)
+            jobs = None
+        if jobs is not None:  # the sweep's own config leaves a swept key at its default, which the jobs replace
+            with user_errors():
+                check_jobs(config, jobs)
+        elif not valid(config):  # no store, no parent run: the first job reports the error
             return
-        from .progress import Progress, count_jobs
+        from .progress import Progress
         from .tracking import PARENT_ENV, ROLE, SWEEP, open_experiment
 
         with user_errors():
@@ -87,11 +135,7 @@ class SweepTracking(Callback):
             log.info("factorial design: %s", text)
             self.client.log_text(self.parent, text + "\n", "factorial_design.txt")
             self.client.set_tag(self.parent, "factorial_design", text.splitlines()[0])
-        try:
-            total = count_jobs(config)
-        except Exception as e:  # an override Hydra will refuse itself, a plugin's sweeper config
-            log.debug("could not count the sweep's jobs: %s", e)
-            total = None
+        total = len(jobs) if jobs else None
         if total:
             self.client.set_tag(self.parent, "jobs", str(total))
         self.progress = Progress(self.client, exp_id, self.parent, total)

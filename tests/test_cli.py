@@ -249,6 +249,37 @@ def test_a_bad_value_stops_the_command_before_mlflow_is_imported(tmp_path):
     for args in (["train.epochs=0"], ["-m", "seed=0,1", "optim.lr=-1"]):
         res = subprocess.run([sys.executable, "-c", probe, *args, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        want = "train.epochs must be an integer >= 1" if len(args) == 1 else "optim.lr must be a number > 0"
+        want = ("train.epochs must be an integer >= 1" if len(args) == 1
+                else "optim.lr must be a number > 0 (job 1 of 2: seed=0; no job was started)")
         assert res.stdout.strip().endswith(f"is not allowed; {want} | False"), res.stdout + res.stderr[-2000:]
         assert not (tmp_path / "m.db").exists()
+
+
+def test_a_bad_value_in_a_sweeps_later_job_stops_the_sweep_before_any_job_starts(tmp_path, imagefolder, tracking_db):
+    """Each job's config is composed and checked as the sweep starts: a bad value reached only by a later job (a
+    swept value, a trick's parameter set where the trick is chosen) stops the sweep before its first job trains,
+    naming the job; nothing is written to the store."""
+    data = [*TINY, "data=imagefolder", f"data.path={imagefolder('tar')}", f"mlflow.tracking_uri=sqlite:///{tracking_db}"]
+    for args, want in ((["-m", "optim.lr=0.01,-1", "seed=0,1"], "optim.lr=-1 is not allowed; optim.lr must be a number "
+                        "> 0 (job 3 of 4: optim.lr=-1 seed=0; no job was started)"),
+                       (["experiment=ladder", "ablation.order=[flip,dropout]", "+ablation.params.dropout.p=1.5"],
+                        "trick.dropout.p=1.5 is not allowed; trick.dropout.p must be a number >= 0 and < 1 (job 3 of 3: "
+                        "trick=[flip,dropout]; no job was started)")):
+        res = run_cli([*args, *data], tmp_path)
+        assert res.returncode == 1 and res.stderr.strip().splitlines()[-1] == f"error: invalid config: {want}", \
+            res.stderr[-3000:]
+        assert "Traceback" not in res.stderr and "epoch 1/" not in res.stdout + res.stderr
+    assert runs_in(tracking_db, "cifar-ablation")[1] == []
+
+
+def test_a_sweep_over_a_key_whose_default_is_unset_nests_under_its_sweep_run(tmp_path, imagefolder, tracking_db):
+    """`data=imagefolder` with data.path swept: the sweep's own config holds data.path's default (none), which
+    alone does not pass the checks; every job does, so the sweep has its parent run, progress and report."""
+    paths = f"data.path={imagefolder('tar')},{imagefolder('dir')}"
+    res = run_cli(["-m", "data=imagefolder", paths, *TINY, f"mlflow.tracking_uri=sqlite:///{tracking_db}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client, runs = runs_in(tracking_db, "cifar-ablation")
+    (parent,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
+    jobs = [r for r in runs if r.data.tags[ROLE] == JOB]
+    assert len(jobs) == 2 and {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs"] == "2"

@@ -134,33 +134,38 @@ def test_sigterm_to_a_streams_sweep_leaves_every_run_killed_and_the_sweep_failed
     assert sweep.info.status == "FAILED"
 
 
-def test_a_bad_value_in_one_job_stops_the_sweep_with_one_error_and_the_runs_training_resume_later(tmp_path,
-                                                                                                   slow_data, tracking_db):
-    """Validation is per job: the second job's epochs=0 is found when it joins, while the first trains. The
-    sweep stops with the one `error:` line; the first run ends KILLED, saying why, and resumes on relaunch."""
-    db = tracking_db
-    common = [*SLOW, *slow_data, f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=bad"]
-    res = run_cli(["-m", "hydra/launcher=streams", "jobs_per_device=2", *common, "train.epochs=2,0"], tmp_path)
+def test_a_bad_archive_in_one_job_stops_the_sweep_with_one_error_and_the_runs_training_resume_later(
+        tmp_path, slow_data, tracking_db):
+    """A job's user error found as it joins (its archive unreadable: the sweep's start checks values, not the
+    data's bytes), while the first job trains: the sweep stops with the one `error:` line; the first run ends
+    KILLED, saying why, and resumes on relaunch."""
+    db, bad = tracking_db, tmp_path / "corrupt.tar"
+    bad.write_bytes(b"not an archive" * 100)
+    good = slow_data[0].partition("=")[2]
+    common = [*SLOW, slow_data[1], f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=bad", "train.epochs=2"]
+    res = run_cli(["-m", "hydra/launcher=streams", "jobs_per_device=2", *common, f"data.path={good},{bad}"], tmp_path)
     assert res.returncode != 0
-    assert "error: invalid config: train.epochs=0 is not allowed" in res.stderr
+    assert f"error: cannot read {bad}" in res.stderr, res.stderr[-3000:]
     client, runs = runs_in(db, "bad")
-    (first,) = [r for r in runs if r.data.tags[ROLE] == JOB]
-    assert first.info.status == "KILLED"
-    assert "another job's SystemExit (error: invalid config: train.epochs=0" in first.data.tags["failure_reason"]
-    again = run_cli([*common, "train.epochs=2"], tmp_path)
+    first, second = sorted((r for r in runs if r.data.tags[ROLE] == JOB), key=lambda r: r.info.start_time)
+    assert first.info.status == "KILLED" and second.info.status == "FAILED"
+    assert f"another job's SystemExit (error: cannot read {bad}" in first.data.tags["failure_reason"]
+    again = run_cli([*common, f"data.path={good}"], tmp_path)
     assert again.returncode == 0 and f"resuming interrupted run {first.info.run_id}" in again.stdout + again.stderr
 
 
 # --- hydra.launcher.processes: the jobs split into shares, each share a gang in a process of its own ----------
 
 
-def test_a_bad_value_in_one_share_stops_every_process_with_one_error(tmp_path, slow_data, tracking_db):
-    db = tracking_db
-    res = run_cli(["-m", *SHARES, *SLOW, *slow_data, "train.epochs=30,0", "seed=0,1",
-                   f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=bad"], tmp_path)
+def test_a_bad_archive_in_one_share_stops_every_process_with_one_error(tmp_path, slow_data, tracking_db):
+    bad = tmp_path / "corrupt.tar"
+    bad.write_bytes(b"not an archive" * 100)
+    paths = f"data.path={slow_data[0].partition('=')[2]},{bad}"
+    res = run_cli(["-m", *SHARES, *SLOW, slow_data[1], "train.epochs=30", paths, "seed=0,1",
+                   f"mlflow.tracking_uri=sqlite:///{tracking_db}", "mlflow.experiment=bad"], tmp_path)
     assert res.returncode != 0
-    assert "error: invalid config: train.epochs=0 is not allowed" in res.stderr
-    _, runs = runs_in(db, "bad")
+    assert f"error: cannot read {bad}" in res.stderr, res.stderr[-3000:]
+    _, runs = runs_in(tracking_db, "bad")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
     assert sweep.info.status == "FAILED"

@@ -23,8 +23,10 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 DATASETS = ("cifar10", "imagefolder")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Fail fast, before any data is read or a run is opened. A flat list: one line per key."""
+def validate(cfg: DictConfig, here: bool = True) -> None:
+    """Fail fast, before any data is read or a run is opened. A flat list: one line per key. here=False: the run
+    will train on another machine (a SLURM node), so what this one has (a CUDA device, the data's files) is not
+    asked of it; that run checks it where it starts."""
     validate_keys(cfg)
     validate_tricks(cfg)
     require(cfg, "ablation.design", one_of(SINGLE, *DESIGNS))
@@ -33,7 +35,7 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, "seed", number(0, integer=True))
     require(cfg, "jobs_per_device", number(1, integer=True))
     require(cfg, "device", one_of(*DEVICES))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    if here and cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "cuda", "auto or cpu on this machine: torch sees no CUDA device")
     for key in ("train.epochs", "train.batch_size", "train.eval_batch_size"):
         require(cfg, key, number(1, integer=True))
@@ -44,7 +46,7 @@ def validate(cfg: DictConfig) -> None:
     require(cfg, "train.progress_every_s", number(0))
     require(cfg, "train.cuda_graph", lambda v: None if v == "auto" or isinstance(v, bool) else "auto, true or false")
     if cfg.train.cuda_graph is True:
-        device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if cfg.device != "cpu" and (torch.cuda.is_available() or not here) else "cpu")
         blocker = graph_blocker(cfg, device)
         if blocker:
             raise ConfigError("train.cuda_graph", True, f"auto or false for this run: {blocker}")
@@ -64,7 +66,7 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(widths, ListConfig) or not 1 <= len(widths) <= 5 or any(number(1, integer=True)(w) for w in widths):
         raise ConfigError("model.widths", widths, "a list of 1 to 5 positive integers (32 / 2**len must stay >= 1)")
 
-    validate_data(cfg)
+    validate_data(cfg, here)
     require(cfg, "mlflow.tracking_uri", non_empty("tracking URI"))
     require(cfg, "mlflow.experiment", non_empty("experiment name"))
 
@@ -123,7 +125,7 @@ def validate_factorial(cfg: DictConfig) -> None:
         check_factorial(list(cfg.ablation.order), cfg.ablation.fraction)
 
 
-def validate_data(cfg: DictConfig) -> None:
+def validate_data(cfg: DictConfig, here: bool = True) -> None:
     require(cfg, "data.name", one_of(*DATASETS))
     for key in ("data.subset", "data.val_subset"):
         require(cfg, key, optional(number(10, integer=True)))
@@ -134,5 +136,5 @@ def validate_data(cfg: DictConfig) -> None:
         if not path:
             raise ConfigError("data.path", path, "a directory or .tar/.tar.gz archive laid out train/<class>/*, "
                               "test/<class>/* (e.g. data.path=../shared/data/cifar10-jpeg.tar.gz)")
-        if not Path(path).exists():
+        if here and not Path(path).exists():
             raise ConfigError("data.path", path, f"an existing directory or archive; {Path(path).resolve()} does not exist")

@@ -33,13 +33,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cifar_ablation.sweep")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# launchers whose jobs run on this machine: another (SLURM's, through submitit) may train them where there is a
+# GPU and this machine, a login node, has none
+HERE = {"hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+        "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+        "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+        "hydra_plugins.cifar_ablation_launcher.streams_launcher.StreamsLauncher"}
 
 
-def valid(config: DictConfig) -> bool:
+def runs_here(config: DictConfig) -> bool:
+    """Whether the sweep's launcher runs its jobs on this machine."""
+    return config.hydra.launcher.get("_target_") in HERE
+
+
+def valid(config: DictConfig, here: bool = True) -> bool:
     """Whether the config passes validate(). Hydra turns a callback's exception into a warning and goes on, so
     the callback only skips its work; the job validates again and stops with the error."""
     try:
-        validate(config)
+        validate(config, here)
     except UserError:
         return False
     return True
@@ -64,12 +75,12 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
 def check_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
     """Every job's config, composed as its launcher will compose it, passes the checks before any job starts: a
     bad value in a sweep's last job stops the sweep before its first trains. UserError naming the job and what
-    the sweep varies in it."""
+    the sweep varies in it. Jobs another machine will run are not asked for this one's CUDA device or files."""
     from hydra.core.global_hydra import GlobalHydra
 
     from .config import apply_trick_params
 
-    loader = GlobalHydra.instance().config_loader()
+    loader, here = GlobalHydra.instance().config_loader(), runs_here(config)
     values: dict[str, set[str]] = {}
     for job in jobs:
         for o in job:
@@ -78,7 +89,7 @@ def check_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
         cfg = loader.load_sweep_config(config, job)
         try:
             apply_trick_params(cfg)
-            validate(cfg)
+            validate(cfg, here)
         except UserError as e:
             swept = " ".join(o for o in job if len(values[o.partition("=")[0]]) > 1)
             raise UserError(f"{e} (job {k} of {len(jobs)}{': ' + swept if swept else ''}; no job was started)") from e
@@ -118,7 +129,7 @@ class SweepTracking(Callback):
         if jobs is not None:  # the sweep's own config leaves a swept key at its default, which the jobs replace
             with user_errors():
                 check_jobs(config, jobs)
-        elif not valid(config):  # no store, no parent run: the first job reports the error
+        elif not valid(config, runs_here(config)):  # no store, no parent run: the first job reports the error
             return
         from .progress import Progress
         from .tracking import PARENT_ENV, ROLE, SWEEP, open_experiment

@@ -6,6 +6,7 @@ import re
 import shlex
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from cifar_ablation.checks import ConfigError, UserError, check_command_line, check_trick_overrides
@@ -186,6 +187,25 @@ def test_missing_data_path_is_named(make_cfg, tmp_path):
         validate(make_cfg("data=imagefolder"))
     with pytest.raises(ConfigError, match="does not exist"):
         validate(make_cfg("data=imagefolder", f"data.path={tmp_path}/nowhere.tar.gz"))
+
+
+def test_a_sweep_for_other_machines_is_not_asked_for_this_ones_cuda_or_files(make_cfg, tmp_path, monkeypatch):
+    """here=False (a SLURM sweep checked on a login node without a GPU): a CUDA device, a captured step and the
+    data's file are the nodes' to have; every other value is still checked. The launcher says which."""
+    from cifar_ablation.sweep import runs_here
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = make_cfg("device=cuda", "train.cuda_graph=true", "data=imagefolder", f"data.path={tmp_path}/on-nodes.tar")
+    validate(cfg, here=False)
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+        validate(cfg)
+    for override, key in (("optim.name=sgd", "train.cuda_graph"), ("train.epochs=0", "train.epochs")):
+        with pytest.raises(ConfigError) as err:
+            validate(make_cfg("device=cuda", "train.cuda_graph=true", override), here=False)
+        assert err.value.key == key
+    assert not runs_here(make_cfg("hydra/launcher=slurm", hydra=True))
+    assert all(runs_here(make_cfg(*launcher, hydra=True)) for launcher in
+               ([], ["hydra/launcher=parallel"], ["hydra/launcher=streams"], ["hydra/launcher=submitit_local"]))
 
 
 def test_unknown_trick_on_the_command_line_lists_the_valid_ones():

@@ -101,7 +101,7 @@ cleanup() {
   [ -n "${SAMPLER:-}" ] && kill "$SAMPLER" 2>/dev/null
   [ -n "${TESTS_PID:-}" ] && pkill -TERM -P "$TESTS_PID" 2>/dev/null  # the background tests' timeouts pass it on
   [ -n "${SPY_PID:-}" ] && kill "$SPY_PID" 2>/dev/null
-  [ $MPS_ON = 1 ] && echo quit | nvidia-cuda-mps-control
+  [ $MPS_ON = 1 ] && echo quit | timeout 10 nvidia-cuda-mps-control
 }
 trap cleanup EXIT
 
@@ -125,13 +125,15 @@ export CIFAR_ABLATION_TEST_CACHE=$CACHE
 if [ $TINY = 0 ] && [ "${MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps CUDA_MPS_LOG_DIRECTORY=$WORK/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  if nvidia-cuda-mps-control -d 2>>"$LOG" || [ -S "$CUDA_MPS_PIPE_DIRECTORY/control" ]; then
-    if timeout 60 $PY -c "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" >>"$LOG" 2>&1; then
+  # each MPS call under a timeout: not yet run on an H200 (the device tool's machines run under Firecracker or
+  # gVisor, whose GPU proxy may not carry MPS); a client that hangs costs 40 s of the budget, not all of it
+  if timeout 20 nvidia-cuda-mps-control -d 2>>"$LOG" || [ -S "$CUDA_MPS_PIPE_DIRECTORY/control" ]; then
+    if timeout 40 $PY -c "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" >>"$LOG" 2>&1; then
       log "MPS: on (the runs' kernels share the GPU)"
       MPS_ON=1
     else
       log "MPS: a CUDA client failed under it; going on without"
-      echo quit | nvidia-cuda-mps-control
+      echo quit | timeout 10 nvidia-cuda-mps-control
       unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
     fi
   else

@@ -75,7 +75,9 @@ def job_overrides(config: DictConfig) -> list[list[str]] | None:
 def check_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
     """Every job's config, composed as its launcher will compose it, passes the checks before any job starts: a
     bad value in a sweep's last job stops the sweep before its first trains. UserError naming the job and what
-    the sweep varies in it. Jobs another machine will run are not asked for this one's CUDA device or files."""
+    the sweep varies in it. Jobs another machine will run are not asked for this one's CUDA device or files.
+    Hydra composes each job from the files as its launcher will (dev CPU: 2.2 s for the ladder's 27, 15 s for a
+    6-trick factorial's 192): seconds at the start of a sweep that trains for hours, whose jobs each pay it again."""
     from hydra.core.global_hydra import GlobalHydra
 
     from .config import apply_trick_params
@@ -85,6 +87,8 @@ def check_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
     for job in jobs:
         for o in job:
             values.setdefault(o.partition("=")[0], set()).add(o.partition("=")[2])
+    if len(jobs) >= 20:
+        log.info("checking the configs of the sweep's %d jobs before any starts", len(jobs))
     for k, job in enumerate(jobs, 1):
         cfg = loader.load_sweep_config(config, job)
         try:

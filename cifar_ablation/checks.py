@@ -8,6 +8,7 @@ package, so everything may import it.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import functools
 import os
@@ -244,9 +245,8 @@ def check_override_keys(argv: list[str]) -> None:
     the nearest of them; Hydra would name the key but not what there is. Keys that a file has but this run's
     config may lack (a trick it does not choose) are left to Hydra, and so are `+` and `~` overrides (a key
     added with a + is checked with the composed config: config.validate_keys), Hydra's own keys and config
-    groups; and so is a command that brings config files of its own."""
-    elsewhere = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "hydra.searchpath")
-    if any(a.lstrip("+").startswith(elsewhere) for a in argv):
+    groups; and so is a command that brings config files of its own (check_command_line: --config-dir, …)."""
+    if any(a.lstrip("+").startswith("hydra.searchpath") for a in argv):
         return
     for o in _overrides(argv):
         key = o.key_or_group
@@ -263,15 +263,37 @@ def check_override_keys(argv: list[str]) -> None:
         raise UserError(f"invalid config: {problem[0]} is not a key of the config{problem[1]}")
 
 
+def command_overrides(argv: list[str]) -> tuple[list[str], bool] | None:
+    """(the overrides, whether the config files are this package's) as Hydra's own parser reads the command line;
+    None where Hydra composes no config of them (shell completion's install=bash, a rerun) or will refuse the
+    command line itself, saying why."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return None
+    if args.shell_completion or args.experimental_rerun:
+        return None
+    return args.overrides, not (args.config_dir or args.config_path or args.config_name)
+
+
 def check_command_line(argv: list[str]) -> None:
     """What must be refused before Hydra starts: an unknown trick (Hydra would not list the valid ones), a
     key no config file has (Hydra would not list the ones there are), a trick's parameter where a job does not
     choose the trick (Hydra's advice, a +, would choose it with that one parameter), a password in the tracking
     URI (Hydra would save it in the run's .hydra/overrides.yaml)."""
-    check_trick_overrides(argv)
-    check_override_keys(argv)
-    check_trick_params(argv)
-    given = [a.partition("=")[2] for a in argv if a.partition("=")[0].lstrip("+~") == "mlflow.tracking_uri"]
+    parsed = command_overrides(argv)
+    if parsed is None:
+        return
+    overrides, ours = parsed
+    check_trick_overrides(overrides)
+    if ours:
+        check_override_keys(overrides)
+    check_trick_params(overrides)
+    given = [a.partition("=")[2] for a in overrides if a.partition("=")[0].lstrip("+~") == "mlflow.tracking_uri"]
     for uri in given:
         check_tracking_uri(uri)
     if not given:  # the config's default is MLflow's own variable, where set

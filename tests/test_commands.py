@@ -111,3 +111,16 @@ def test_mlflows_own_variables_choose_the_store_and_experiment(tmp_path, imagefo
     assert res.returncode == 1 and "hunter2" not in res.stdout + res.stderr
     assert "error: invalid config: MLFLOW_TRACKING_URI='http://alice:***@trackhost:5000'" in res.stderr, res.stderr
     assert "MLFLOW_TRACKING_PASSWORD" in res.stderr and not (tmp_path / "rep" / "multirun").exists()
+
+
+def test_hydras_tab_completion_installs_and_completes_keys_and_tricks(tmp_path):
+    """`cifar-ablation -sc install=bash` (Hydra's shell completion) prints its bash function, and the completion it
+    queries lists keys and tricks: the command line's own checks let Hydra's flags and their arguments through."""
+    exe = str(Path(sys.executable).parent / "cifar-ablation")
+    install = subprocess.run([exe, "--shell-completion", "install=bash"], capture_output=True, text=True, cwd=tmp_path)
+    assert install.returncode == 0 and "complete -o nospace -o default -F hydra_bash_completion cifar-ablation" in \
+        install.stdout, install.stderr[-2000:]
+    for line, want in (("train.ep", "train.epochs="), ("trick=", "trick=instancenorm")):
+        query = subprocess.run([exe, "-sc", "query=bash"], capture_output=True, text=True, cwd=tmp_path,
+                               env={**os.environ, "COMP_LINE": f"cifar-ablation {line}"})
+        assert query.returncode == 0 and want in query.stdout.split(), query.stdout + query.stderr[-2000:]

@@ -1,6 +1,7 @@
 """The sweep's parent run, kept by the launching process (a Hydra callback): opened before any job starts, once
-every job's config has passed the checks (check_jobs), every job nests under it; progress lines while jobs end (progress.py); closed with the sweep's true state and
-holding the sweep's report, so that clicking the sweep in the MLflow UI shows the ablation:
+every job's config has passed the checks (check_jobs), every job nests under it; progress lines while jobs end
+(progress.py); closed with the sweep's true state and holding the sweep's report, so that clicking the sweep in
+the MLflow UI shows the ablation:
 
     description   the report's table (Markdown): each configuration's val accuracy, Δ, CI and verdict
     artifacts     report/<design>.md, .csv and the figures (also under the sweep's folder, multirun/…/report)

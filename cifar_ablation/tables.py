@@ -194,6 +194,14 @@ def with_ci(x: float, lo: float, hi: float) -> str:
     return fmt(x, plus=True) + ("" if math.isnan(lo) else f" [{fmt(lo, plus=True)}, {fmt(hi, plus=True)}]")
 
 
+def listing(names: list[str], where: str = "", most: int = 12) -> str:
+    """Trick sets as [a,b]; [c]: of a longer list the first `most`, with how many more (and where they are)."""
+    shown = "; ".join(f"[{m}]" for m in names[:most])
+    if len(names) <= most:
+        return shown
+    return f"{len(names)} configurations: {shown}; … and {len(names) - most} more{f' ({where})' if where else ''}"
+
+
 def markdown(t: Table, title: str) -> str:
     labels = " | ".join(t.design.label_columns)
     lines = [f"## {title}", "",
@@ -216,10 +224,10 @@ def markdown(t: Table, title: str) -> str:
     if t.machines:
         lines.append(f"Trained on: {'; '.join(t.machines)}.")
     if t.missing:
-        lines.append(f"Missing (no FINISHED run): {'; '.join(f'[{m}]' for m in t.missing)}.")
+        lines.append(f"Missing (no FINISHED run): {listing(t.missing, 'each a row marked missing')}.")
     if t.extra:
         lines.append(f"Also in this sweep, outside the {t.design.name} design (not in the table): "
-                     f"{'; '.join(f'[{m}]' for m in t.extra)}.")
+                     f"{listing(t.extra)}.")
     if t.varied:
         lines.append("Runs of one trick set that differ in other settings are separate rows, labelled by what "
                      "differs; each is compared with the reference configuration that agrees with it on the rest.")

@@ -137,6 +137,20 @@ def test_a_missing_reference_makes_its_comparisons_missing(store):
     assert t.rows[1].val_mean == 81.5 and math.isnan(t.rows[1].delta)
 
 
+def test_a_long_list_of_missing_configurations_is_cut_to_its_first_twelve(store):
+    """A factorial asked of a ladder's runs (--design factorial): 5 tricks, 32 configurations, 6 of them run. The
+    table keeps every row; the line under it names the first 12 missing and how many more."""
+    client, add, _ = store
+    order = ["noise", "batchnorm", "dropout", "flip", "crop"]
+    exp = add("longmiss", {tuple(order[:k]): [80 + k, 81 + k] for k in range(6)}, order=order)
+    t = build_table(load_sweep(client, exp, "latest")[1], "factorial")
+    text = markdown(t, "t")
+    assert len(t.rows) == 32 and len(t.missing) == 26 and sum(r.verdict == "missing" for r in t.rows) >= 26
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("Missing")]
+    assert line.startswith("Missing (no FINISHED run): 26 configurations: [") and line.count("[") == 12
+    assert line.endswith("; … and 14 more (each a row marked missing).")
+
+
 def test_the_slides_numbers_stand_only_beside_the_slides_rungs(store):
     client, add, _ = store
     exp = add("slide", {(): [80, 81], ("noise",): [81, 82]})

@@ -20,6 +20,7 @@ def test_help_introduces_the_tool(tmp_path):
     assert res.returncode == 0 and res.stdout.startswith("cifar-ablation: ablation studies of CNN")
     assert "powered by Hydra" not in res.stdout
     assert "trick: batchnorm, capacity, crop, dropout, flip, instancenorm, l1l2, noise" in res.stdout
+    assert 'Tab completion of keys and tricks (Hydra\'s): eval "$(cifar-ablation -sc install=bash)".' in res.stdout
 
 
 @pytest.mark.parametrize("mirror", [True, False])

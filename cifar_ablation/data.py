@@ -49,7 +49,7 @@ class Images:
 
 
 def abspath(path: str | os.PathLike) -> Path:
-    """Paths in configs are relative to the launch directory (Hydra's job.chdir is off)."""
+    """Paths in configs are relative to the launch directory (hydra.job.chdir=true is refused: sweep.check_chdir)."""
     return Path(path).expanduser().resolve()
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .checks import UserError
+from .checks import ConfigError, UserError
 from .config import validate
 from .factorial import check_factorial, plan
 from .job import user_errors
@@ -45,6 +45,14 @@ HERE = {"hydra._internal.core_plugins.basic_launcher.BasicLauncher",
 def runs_here(config: DictConfig) -> bool:
     """Whether the sweep's launcher runs its jobs on this machine."""
     return config.hydra.launcher.get("_target_") in HERE
+
+
+def check_chdir(config: DictConfig) -> None:
+    """hydra.job.chdir=true would move each job into its output folder, away from the launch directory that the
+    config's relative paths (data.path, data.root, data.cache_dir, the default sqlite store) mean: refused."""
+    if config.hydra.job.chdir:
+        raise ConfigError("hydra.job.chdir", True, "false: the config's relative paths (data.path, data.root, "
+                          "data.cache_dir, a sqlite tracking URI) mean the launch directory, which each job would leave")
 
 
 def valid(config: DictConfig, here: bool = True) -> bool:
@@ -116,6 +124,8 @@ class SweepTracking(Callback):
 
     # A UserError leaves a callback as SystemExit (user_errors): Hydra makes any Exception of a callback a warning.
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with user_errors():
+            check_chdir(config)
         if valid(config):
             from .tracking import open_experiment
 
@@ -123,6 +133,8 @@ class SweepTracking(Callback):
                 open_experiment(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with user_errors():
+            check_chdir(config)
         if config.ablation.design == "factorial":  # before Hydra's sweeper composes every one of its 2**k jobs
             with user_errors():
                 check_factorial(list(config.ablation.order), config.ablation.fraction)

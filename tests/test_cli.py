@@ -241,6 +241,15 @@ def test_errors_are_one_line_without_hydras_banner(tmp_path):
         "error: invalid config: optim.lrr is not a key of the config; did you mean optim.lr?")
 
 
+def test_hydras_job_chdir_is_refused_as_it_would_move_jobs_away_from_their_paths(tmp_path):
+    for mode in ([], ["-m"]):
+        res = run_cli([*mode, "hydra.job.chdir=true", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"], tmp_path)
+        assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
+            "error: invalid config: hydra.job.chdir=True is not allowed; hydra.job.chdir must be false: the config's "
+            "relative paths (data.path"), res.stderr[-2000:]
+        assert not (tmp_path / "m.db").exists() and not (tmp_path / "outputs").exists()
+
+
 def test_a_bad_value_stops_the_command_before_mlflow_is_imported(tmp_path):
     """A value's error comes from the checks, before MLflow (a second of imports) is loaded: in a single run and in a
     sweep, where Hydra makes the sweep's callback (sweep.py) before any job."""

@@ -153,13 +153,22 @@ def check_trick_params(argv: list[str]) -> None:
 
 def check_tracking_uri(uri: str, key: str = "mlflow.tracking_uri") -> None:
     """No secret in the tracking URI: it would be logged as a param and saved in Hydra's config files (the
-    error shows it masked). `key`: where it was set."""
-    password = urlsplit(uri).password
-    if password:
-        raise ConfigError(key, uri.replace(password, "***"),
+    error shows it masked). Not MLflow's file store (a path, file:…), which MLflow refuses as it opens it, in
+    every job, unless MLFLOW_ALLOW_FILE_STORE is true. `key`: where it was set."""
+    parts = urlsplit(uri)
+    if parts.password:
+        raise ConfigError(key, uri.replace(parts.password, "***"),
                           "a URI without a password (it would be logged as a param and saved in Hydra's config): "
                           "MLflow reads MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD from the environment "
                           "or ~/.mlflow/credentials; a database URI's password goes in PGPASSWORD or ~/.pgpass")
+    if uri and parts.scheme in ("", "file"):
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE  # only here: MLflow takes a second to import
+
+        if not MLFLOW_ALLOW_FILE_STORE.get():
+            raise ConfigError(key, uri, "a database or a server (sqlite:///mlflow.db, postgresql://…, http://…): "
+                              "MLflow keeps its file store (a folder such as ./mlruns) in maintenance mode and "
+                              "refuses it unless MLFLOW_ALLOW_FILE_STORE=true; `mlflow migrate-filestore` moves one "
+                              "into a database")
 
 
 def node_paths(node: Any, path: str = "") -> Iterator[str]:

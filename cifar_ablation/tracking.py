@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from .checks import UserError
+from .checks import UserError, check_tracking_uri
 
 PARENT_ENV = "CIFAR_ABLATION_SWEEP_RUN"   # the sweep's parent run id, inherited by every job process
 ROLE, SWEEP, JOB, REPORT = "cifar_ablation.role", "sweep", "job", "report"
@@ -85,7 +85,8 @@ def newer_store(db: Path, e: MlflowException) -> Exception:
 
 def reader(uri: str) -> MlflowClient:
     """A client for a reader (report, UI); UserError, saying why, where the sqlite file it names does not exist
-    (reading must not create an empty store) or holds a store this MLflow cannot read."""
+    (reading must not create an empty store) or holds a store this MLflow cannot read (check_tracking_uri too)."""
+    check_tracking_uri(uri, "--tracking-uri")
     db = sqlite_file(uri)
     if db is not None and not db.exists():
         raise UserError(f"no MLflow store at {db.resolve()} (--tracking-uri {uri}): run a sweep first (make demo), "

@@ -50,3 +50,27 @@ def revision(db_file) -> str:
 def set_revision(db_file, rev: str) -> None:
     with sqlite3.connect(db_file) as db:
         db.execute("UPDATE alembic_version SET version_num = ?", (rev,))
+
+
+def test_mlflows_file_store_is_refused_up_front_unless_mlflow_is_told_to_allow_it(tmp_path, imagefolder, monkeypatch,
+                                                                                  capsys):
+    """MLflow refuses its file store (a folder, file:…) as each job opens it, unless MLFLOW_ALLOW_FILE_STORE is
+    true: the command line, the sweep and the report refuse it first with one error line, and take it when allowed."""
+    folder = tmp_path / "mlruns"
+    for uri in (str(folder), f"file://{folder}"):
+        res = run_cli(["-m", "seed=0,1", f"mlflow.tracking_uri={uri}"], tmp_path)
+        assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+            f"error: invalid config: mlflow.tracking_uri={uri!r} is not allowed; mlflow.tracking_uri must be a "
+            "database or a server (sqlite:///mlflow.db, postgresql://…, http://…): MLflow keeps its file store (a "
+            "folder such as ./mlruns) in maintenance mode and refuses it unless MLFLOW_ALLOW_FILE_STORE=true; "
+            "`mlflow migrate-filestore` moves one into a database"], res.stderr[-2000:]
+        assert report_main(["--tracking-uri", uri]) == 2
+        assert "--tracking-uri must be a database or a server" in capsys.readouterr().err
+    assert not folder.exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-in: then the store is MLflow's to open
+    res = run_cli(["trick=[flip]", *TINY, "data=imagefolder", f"data.path={imagefolder('tar')}",
+                   f"mlflow.tracking_uri=file://{folder}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = MlflowClient(f"file://{folder}").search_runs([e.experiment_id for e in MlflowClient(
+        f"file://{folder}").search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.tags["tricks"] == "flip"

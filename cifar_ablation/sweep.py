@@ -11,12 +11,14 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import signal
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -99,13 +101,15 @@ def check_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
     if len(jobs) >= 20:
         log.info("checking the configs of the sweep's %d jobs before any starts", len(jobs))
     for k, job in enumerate(jobs, 1):
-        cfg = loader.load_sweep_config(config, job)
         try:
+            cfg = loader.load_sweep_config(config, job)  # Hydra's own errors too: a group option no file has
             apply_trick_params(cfg)
             validate(cfg, here)
-        except UserError as e:
+        except (UserError, HydraException) as e:
+            text = re.sub(r":\s*\n\s*", ": ", str(e).split("Config search path")[0].strip())  # Hydra's lines as one
+            text = re.sub(r"\s*\n\s*", "; ", re.sub(r"\n\s*\t", ", ", text))
             swept = " ".join(o for o in job if len(values[o.partition("=")[0]]) > 1)
-            raise UserError(f"{e} (job {k} of {len(jobs)}{': ' + swept if swept else ''}; no job was started)") from e
+            raise UserError(f"{text} (job {k} of {len(jobs)}{': ' + swept if swept else ''}; no job was started)") from e
 
 
 class SweepTracking(Callback):

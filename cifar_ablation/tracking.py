@@ -105,6 +105,11 @@ def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:
             return client, client.create_experiment(cfg.mlflow.experiment, tags=KIND)
         except MlflowException:  # another launcher made it first
             exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp.lifecycle_stage == "deleted":  # MLflow keeps its name, and refuses runs in it, until `mlflow gc`
+        raise UserError(f"the experiment {exp.name!r} (id {exp.experiment_id}) in {cfg.mlflow.tracking_uri} was deleted "
+                        f"(the MLflow UI's Delete, or `mlflow experiments delete`): restore it with `mlflow experiments "
+                        f"restore --experiment-id {exp.experiment_id}` (MLFLOW_TRACKING_URI={cfg.mlflow.tracking_uri}), "
+                        "or choose another mlflow.experiment")
     for k, v in KIND.items():
         if k not in exp.tags:  # an experiment made before this tag, or by hand
             client.set_experiment_tag(exp.experiment_id, k, v)

@@ -74,3 +74,19 @@ def test_mlflows_file_store_is_refused_up_front_unless_mlflow_is_told_to_allow_i
     (run,) = MlflowClient(f"file://{folder}").search_runs([e.experiment_id for e in MlflowClient(
         f"file://{folder}").search_experiments()])
     assert run.info.status == "FINISHED" and run.data.tags["tricks"] == "flip"
+
+
+def test_a_deleted_experiment_stops_runs_and_sweeps_saying_how_to_restore_it(tmp_path, tracking_db):
+    """Deleted in the MLflow UI, an experiment keeps its name (until `mlflow gc`) and MLflow refuses runs in it:
+    every job failed with MLflow's traceback. Now one line says so and how to restore it; nothing is written."""
+    uri = f"sqlite:///{tracking_db}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("gone")
+    client.delete_experiment(exp)
+    for mode in ([], ["-m", "seed=0,1"]):
+        res = run_cli([*mode, *TINY, f"mlflow.tracking_uri={uri}", "mlflow.experiment=gone"], tmp_path)
+        assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+            f"error: the experiment 'gone' (id {exp}) in {uri} was deleted (the MLflow UI's Delete, or `mlflow "
+            f"experiments delete`): restore it with `mlflow experiments restore --experiment-id {exp}` "
+            f"(MLFLOW_TRACKING_URI={uri}), or choose another mlflow.experiment"], res.stderr[-2000:]
+    assert client.search_runs([exp], run_view_type=3) == []  # ViewType.ALL: no run, deleted or not

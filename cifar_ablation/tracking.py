@@ -94,6 +94,15 @@ def reader(uri: str) -> MlflowClient:
     return client_for(uri)
 
 
+def check_active(exp, uri: str, key: str) -> None:
+    """UserError for an experiment deleted in the MLflow UI (or `mlflow experiments delete`): MLflow keeps its name
+    until `mlflow gc` and refuses runs in it, and its runs are deleted with it. `key`: where its name was given."""
+    if exp.lifecycle_stage == "deleted":
+        raise UserError(f"the experiment {exp.name!r} (id {exp.experiment_id}) in {uri} was deleted (the MLflow UI's "
+                        f"Delete, or `mlflow experiments delete`): restore it with `mlflow experiments restore "
+                        f"--experiment-id {exp.experiment_id}` (MLFLOW_TRACKING_URI={uri}), or choose another {key}")
+
+
 def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:
     """Create the store's schema and the experiment if needed; return the experiment id. Call it once in the
     launching process (SweepTracking does) before jobs start: sqlite stores created by racing processes
@@ -105,11 +114,7 @@ def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:
             return client, client.create_experiment(cfg.mlflow.experiment, tags=KIND)
         except MlflowException:  # another launcher made it first
             exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp.lifecycle_stage == "deleted":  # MLflow keeps its name, and refuses runs in it, until `mlflow gc`
-        raise UserError(f"the experiment {exp.name!r} (id {exp.experiment_id}) in {cfg.mlflow.tracking_uri} was deleted "
-                        f"(the MLflow UI's Delete, or `mlflow experiments delete`): restore it with `mlflow experiments "
-                        f"restore --experiment-id {exp.experiment_id}` (MLFLOW_TRACKING_URI={cfg.mlflow.tracking_uri}), "
-                        "or choose another mlflow.experiment")
+    check_active(exp, cfg.mlflow.tracking_uri, "mlflow.experiment")
     for k, v in KIND.items():
         if k not in exp.tags:  # an experiment made before this tag, or by hand
             client.set_experiment_tag(exp.experiment_id, k, v)

@@ -76,7 +76,7 @@ def test_mlflows_file_store_is_refused_up_front_unless_mlflow_is_told_to_allow_i
     assert run.info.status == "FINISHED" and run.data.tags["tricks"] == "flip"
 
 
-def test_a_deleted_experiment_stops_runs_and_sweeps_saying_how_to_restore_it(tmp_path, tracking_db):
+def test_a_deleted_experiment_stops_runs_sweeps_and_the_report_saying_how_to_restore_it(tmp_path, tracking_db, capsys):
     """Deleted in the MLflow UI, an experiment keeps its name (until `mlflow gc`) and MLflow refuses runs in it:
     every job failed with MLflow's traceback. Now one line says so and how to restore it; nothing is written."""
     uri = f"sqlite:///{tracking_db}"
@@ -90,3 +90,5 @@ def test_a_deleted_experiment_stops_runs_and_sweeps_saying_how_to_restore_it(tmp
             f"experiments delete`): restore it with `mlflow experiments restore --experiment-id {exp}` "
             f"(MLFLOW_TRACKING_URI={uri}), or choose another mlflow.experiment"], res.stderr[-2000:]
     assert client.search_runs([exp], run_view_type=3) == []  # ViewType.ALL: no run, deleted or not
+    assert report_main(["--tracking-uri", uri, "--experiment", "gone"]) == 2  # it said "no job runs" before
+    assert "was deleted" in capsys.readouterr().err and client.search_runs([exp], run_view_type=3) == []

@@ -40,7 +40,24 @@ def load_sweep(client, exp_id: str, sweep: str):
         if not last:
             return None, []
         sweep = max(last, key=lambda r: r.info.start_time).data.tags["sweep_id"]
+    else:
+        sweep = full_sweep_id(client, exp_id, sweep)
     return sweep, sweep_jobs(client, exp_id, sweep)
+
+
+def full_sweep_id(client, exp_id: str, given: str) -> str:
+    """The sweep id that a prefix of it names, as the progress lines print one (`sweep 1f3c2a…`); an id no sweep
+    starts with, as given. LookupError where several sweeps of the experiment start with it, naming them."""
+    if len(given) >= 32:  # a whole MLflow run id
+        return given
+    ids = {r.data.tags.get("sweep_id", "") for role in (SWEEP, JOB)
+           for r in client.search_runs([exp_id], f"tags.`{ROLE}` = '{role}'", max_results=50000)}
+    if given in ids:
+        return given
+    matches = sorted(i for i in ids if i.startswith(given))
+    if len(matches) > 1:
+        raise LookupError(f"--sweep {given} names {len(matches)} sweeps: {', '.join(matches)}; give more of the id")
+    return matches[0] if matches else given
 
 
 def sweep_run(client, run_id: str):
@@ -146,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=default_uri(),
                     help="default: MLFLOW_TRACKING_URI where set, else sqlite:///mlflow.db")
     ap.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "cifar-ablation"))
-    ap.add_argument("--sweep", default="latest", help="a sweep id (the parent run id), 'latest' or 'all'")
+    ap.add_argument("--sweep", default="latest",
+                    help="a sweep id (the parent run id, or its start, as progress lines print it), 'latest' or 'all'")
     ap.add_argument("--design", choices=list(DESIGNS), help="table to build (default: the sweep's own design)")
     ap.add_argument("--out", default="reports", help="folder for the .md/.csv/.png files")
     ap.add_argument("--no-figures", action="store_true", help="skip the PNG figures")

@@ -128,6 +128,19 @@ def test_report_cli_writes_files_and_a_report_run(store, capsys):
     assert "no experiment 'nope'" in capsys.readouterr().err
 
 
+def test_a_sweep_is_named_by_the_start_of_its_id_as_the_progress_lines_print_it(store, capsys):
+    client, add, tmp = store
+    for sweep, base in (("abc111", 80), ("abc222", 70), ("xyz999", 60)):
+        add("ids", {(): [base, base + 1], ("noise",): [base + 1, base + 2]}, sweep=sweep)
+    uri, out = f"sqlite:///{tmp / 'm.db'}", ["--out", str(tmp / "o"), "--no-figures"]
+    for given, whole, mean in (("xyz", "xyz999", "60.50"), ("abc2", "abc222", "70.50"), ("abc111", "abc111", "80.50")):
+        assert main(["--tracking-uri", uri, "--experiment", "ids", "--sweep", given, *out]) == 0
+        text = capsys.readouterr().out
+        assert f"sweep {whole} (4 runs)" in text and f"| 0 | baseline | 2 | {mean} ± 0.71 |" in text
+    assert main(["--tracking-uri", uri, "--experiment", "ids", "--sweep", "abc", *out]) == 2
+    assert "error: --sweep abc names 2 sweeps: abc111, abc222; give more of the id" in capsys.readouterr().err
+
+
 def test_a_missing_reference_makes_its_comparisons_missing(store):
     client, add, _ = store
     exp = add("nobase", {("noise",): [81, 82]}, design="one_at_a_time")

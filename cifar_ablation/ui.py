@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,18 @@ def screenshots(url: str, sweep_name: str, group_by: str, out: Path) -> dict[str
     return seen
 
 
+def check_port(port: int) -> None:
+    """UserError where another program (another MLflow UI, say) listens on the port: `mlflow ui` would fail
+    there, exiting 0, after the addresses printed had sent the user to that other program."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed one's port is free
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise UserError(f"port {port} on 127.0.0.1 is taken ({e.strerror}; another MLflow UI?): choose another, "
+                            f"--port N (make ui PORT=N)") from None
+
+
 def latest_sweep(tracking_uri: str, experiment: str) -> tuple[str, str]:
     """(experiment id, run name of its latest sweep); LookupError when it has none."""
     client = client_for(tracking_uri)
@@ -136,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default=None, help="with --screenshots: the experiment to picture")
     ap.add_argument("--screenshots", metavar="DIR", help="save pictures of the UI to DIR instead of serving")
     args = ap.parse_args(argv)
+    served = args.tracking_uri.startswith(("http://", "https://"))  # a tracking server has its UI already
     try:
         client = reader(args.tracking_uri)
+        if args.screenshots or not served:
+            check_port(args.port)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -147,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
             screenshots(runs_url(base, exp_id), sweep, "tricks", Path(args.screenshots))
         print(f"wrote {args.screenshots}/1-sweep.png, 2-report.png, 3-charts.png, 4-models.png")
         return 0
-    served = args.tracking_uri.startswith(("http://", "https://"))  # a tracking server has its UI already
     base = args.tracking_uri.rstrip("/") if served else f"http://127.0.0.1:{args.port}"
     for exp in client.search_experiments():
         print(f"  {exp.name}: {runs_url(base, exp.experiment_id)}")

@@ -125,3 +125,20 @@ def test_hydras_tab_completion_installs_and_completes_keys_and_tricks(tmp_path):
         query = subprocess.run([exe, "-sc", "query=bash"], capture_output=True, text=True, cwd=tmp_path,
                                env={**os.environ, "COMP_LINE": f"cifar-ablation {line}"})
         assert query.returncode == 0 and want in query.stdout.split(), query.stdout + query.stderr[-2000:]
+
+
+def test_the_ui_on_a_port_another_program_holds_says_so_instead_of_pointing_at_it(tmp_path, tracking_db, capsys):
+    """`make ui` with another MLflow UI on its port: `mlflow ui` failed there and exited 0, after printing addresses
+    that led to the other program's runs. Now one line, exit 2, before any address."""
+    import socket
+
+    from cifar_ablation.ui import main as ui_main
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert ui_main(["--tracking-uri", f"sqlite:///{tracking_db}", "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"error: port {port} on 127.0.0.1 is taken (")
+    assert out.err.rstrip().endswith("choose another, --port N (make ui PORT=N)")

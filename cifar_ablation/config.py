@@ -34,7 +34,7 @@ def validate(cfg: DictConfig, here: bool = True) -> None:
     check_tracking_uri(str(cfg.mlflow.tracking_uri))
     require(cfg, "seed", number(0, integer=True))
     require(cfg, "jobs_per_device", number(1, integer=True))
-    require(cfg, "device", one_of(*DEVICES))
+    require(cfg, "device", device_name)
     if here and cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "cuda", "auto or cpu on this machine: torch sees no CUDA device")
     for key in ("train.epochs", "train.batch_size", "train.eval_batch_size"):
@@ -69,6 +69,14 @@ def validate(cfg: DictConfig, here: bool = True) -> None:
     validate_data(cfg, here)
     require(cfg, "mlflow.tracking_uri", non_empty("tracking URI"))
     require(cfg, "mlflow.experiment", non_empty("experiment name"))
+
+
+def device_name(v) -> str | None:
+    """auto, cuda or cpu; `cuda:1` is told how a GPU of several is chosen."""
+    problem = one_of(*DEVICES)(v)
+    if problem and str(v).startswith("cuda:"):
+        problem += " (one GPU of several: CUDA_VISIBLE_DEVICES=N; a sweep's jobs take the visible GPUs in turn)"
+    return problem
 
 
 def validate_keys(cfg: DictConfig) -> None:

@@ -161,6 +161,7 @@ BAD = [
     ("optim.name=rmsprop", "trick=[]", "optim.name", "adam, adamw, sgd"),
     ("optim.schedule=linear", "trick=[]", "optim.schedule", "onecycle, cosine, constant"),
     ("device=tpu", "trick=[]", "device", "auto, cuda, cpu"),
+    ("device=cuda:1", "trick=[]", "device", "auto, cuda, cpu (one GPU of several: CUDA_VISIBLE_DEVICES=N;"),
     ("seed=-1", "trick=[]", "seed", ">= 0"),
     ("data.subset=3", "trick=[]", "data.subset", ">= 10"),
     ("train.amp=maybe", "trick=[]", "train.amp", "true or false"),

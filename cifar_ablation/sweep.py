@@ -139,8 +139,7 @@ class SweepTracking(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with user_errors():
             check_chdir(config)
-        if config.ablation.design == "factorial":  # before Hydra's sweeper composes every one of its 2**k jobs
-            with user_errors():
+            if config.ablation.design == "factorial":  # before Hydra's sweeper composes every one of its 2**k jobs
                 check_factorial(list(config.ablation.order), config.ablation.fraction)
         try:
             jobs = job_overrides(config)

@@ -1,7 +1,8 @@
 """How a job's process is asked to stop, and what its run says of it: SIGINT (Ctrl-C) raises KeyboardInterrupt,
 SIGTERM raises Terminated, and SLURM's SIGUSR2 (its warning of a time limit or a preemption, which submitit
 handles by requeueing the job and exiting the process) is named in the reason of the run it stopped. A run
-stopped any of these ways closes KILLED, and the next launch (or the requeued job) resumes it."""
+stopped any of these ways closes KILLED, and the next launch (or the requeued job) resumes it. None of them is
+acted on inside a call to the MLflow store (held()), nor while a run is opened or closed (JobSignals.hold())."""
 from __future__ import annotations
 
 import signal
@@ -18,20 +19,60 @@ def raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(f"interrupted by signal {signum}")
 
 
-class JobSignals:
-    """The signal handling of one open run (job_signals()). `seen` names the signals that came; hold() is for the
-    run's closing: from then on SIGTERM and SIGINT are noted, not raised (a second one, such as the SIGTERM that
-    SLURM sends a job submitit has just requeued, must not cut the closing short and leave the run without its
-    reason or RUNNING), and are sent again once the handlers are put back."""
+STOPS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR2", None)) if s is not None)
 
-    def __init__(self) -> None:
+
+@contextmanager
+def held() -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGUSR2 noted, not acted on, until the block ends; then sent again, to the handlers it
+    found. For a call that must not be cut in the middle: an MLflow store's (tracking.Client). An exception raised
+    by a signal's handler inside SQLAlchemy leaves its connection behind, holding a sqlite store's write lock:
+    every write after it, the run's own closing included, waits 20 s and fails ('database is locked'), and the
+    run stays RUNNING (seen in CI; tests/test_jobrun.py provokes it). In the main thread only: elsewhere signals
+    are not delivered to Python; a handler set outside Python (None) is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    found = {s: signal.getsignal(s) for s in STOPS}
+    found = {s: h for s, h in found.items() if h is not None}
+    for s in found:
+        signal.signal(s, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in found.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(came):
+            signal.raise_signal(s)
+
+
+class JobSignals:
+    """The signal handling of one open run (job_signals()). `seen` names the signals that came. hold() is for the
+    run's opening and closing: from then on SIGTERM and SIGINT are noted, not raised (a stop must not come between
+    the run's creation and the code that closes it, nor cut the closing short and leave the run without its
+    reason or RUNNING: such as the SIGTERM that SLURM sends a job submitit has just requeued); release() puts the
+    run's handlers back and raises what came meanwhile; what is still held is sent again once job_signals() has
+    put back the handlers it found."""
+
+    def __init__(self, handlers: dict[int, Any]) -> None:
         self.seen: set[str] = set()
         self.held: list[int] = []
+        self.handlers = handlers  # the run's own, while it is open
 
     def hold(self) -> None:
         if threading.current_thread() is threading.main_thread():  # elsewhere signals are the host's
             for s in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(s, lambda signum, frame: self.held.append(signum))
+
+    def release(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                if self.handlers.get(s) is not None:
+                    signal.signal(s, self.handlers[s])
+        came, self.held = dict.fromkeys(self.held), []
+        for s in came:
+            signal.raise_signal(s)
 
 
 @contextmanager
@@ -40,10 +81,10 @@ def job_signals() -> Iterator[JobSignals]:
     there is chained so that the run's reason can name it: submitit's, which SLURM's warning of a job's time
     limit (the launcher's signal_delay_s) or of a preemption calls; it requeues the job, then exits the process
     (SystemExit). Outside the main thread signals are left to the host."""
-    js = JobSignals()
     usr2 = getattr(signal, "SIGUSR2", None)  # POSIX only
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, usr2) if s is not None}
+    previous = {s: signal.getsignal(s) for s in STOPS}
     chained = previous.get(usr2)
+    js = JobSignals({signal.SIGTERM: raise_terminated, signal.SIGINT: previous[signal.SIGINT]})
 
     def on_usr2(signum: int, frame: Any) -> None:
         js.seen.add("SIGUSR2")

@@ -239,21 +239,24 @@ def job_run(cfg: DictConfig, tricks: list[str], client: MlflowClient, exp_id: st
     """Open the job's run as claimed (reopen the interrupted run, or create one nested under the sweep); close
     it FINISHED, FAILED (reason tag + traceback artifact) or KILLED (SIGINT, SIGTERM as Terminated, or an exit
     asked of the process: submitit's after SLURM's SIGUSR2; interrupts.py), which the next launch resumes.
-    Everything after the run exists happens inside the try: no path leaves it RUNNING."""
+    Everything after the run exists happens inside the try, and a stop asked while it is opened waits for the
+    try (signals held): no path leaves it RUNNING."""
     old = c.run if c.action == RESUME else None
-    if old is not None:
-        run_id = old.info.run_id
-        client.update_run(run_id, status="RUNNING")
-        log.info("resuming interrupted run %s (%s)", run_id, old.info.status)
-    else:
-        tags, parent = job_tags(cfg, tricks), os.environ.get(PARENT_ENV)
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-        run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} seed={cfg.seed}", tags=tags).info.run_id
-    status, run = "FAILED", JobRun(client, run_id, resumed=old is not None, checkpoint=cfg.train.checkpoint)
-    monitor = None
+    status, monitor = "FAILED", None
     with job_signals() as signals:
+        signals.hold()
+        if old is not None:
+            run_id = old.info.run_id
+            client.update_run(run_id, status="RUNNING")
+            log.info("resuming interrupted run %s (%s)", run_id, old.info.status)
+        else:
+            tags, parent = job_tags(cfg, tricks), os.environ.get(PARENT_ENV)
+            if parent:
+                tags["mlflow.parentRunId"] = parent
+            run_id = client.create_run(exp_id, run_name=f"{tags['tricks']} seed={cfg.seed}", tags=tags).info.run_id
+        run = JobRun(client, run_id, resumed=old is not None, checkpoint=cfg.train.checkpoint)
         try:
+            signals.release()  # what came while the run was opened is raised here: the run closes KILLED
             _bookkeeping(cfg, client, run_id, old)
             if cfg.mlflow.log_system_metrics:
                 monitor = system_metrics(cfg.mlflow.tracking_uri, run_id, resumed=old is not None)

@@ -39,6 +39,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from .data import Images, Normalize
+from .interrupts import held
 
 log = logging.getLogger(__name__)
 NAME = "model"  # the logged model's name: runs:/<run id>/model
@@ -157,7 +158,9 @@ def save_model(client: MlflowClient, uri: str, exp_id: str, run: Any, net: nn.Mo
     keep = ("tricks", "seed", "rung", "trick_added", "config_hash", "git_commit", "data_source", "data_checksum")
     made = client.create_logged_model(exp_id, name=NAME, source_run_id=run.info.run_id, params=run.data.params,
                                       tags={k: v for k, v in run.data.tags.items() if k in keep})
-    with fluent_store(uri):  # not given the run: MLflow would link the run's metrics without their datasets
+    # not given the run: MLflow would link the run's metrics without their datasets. Signals held (as the
+    # tracking.Client's calls hold them): a stop waits for the model's export and its writes (1-3 s)
+    with fluent_store(uri), held():
         mlflow.pytorch.log_model(
             model, name=NAME, model_id=made.model_id, signature=signature, serialization_format="pt2",
             input_example=x.numpy(), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],

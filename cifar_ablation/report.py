@@ -26,7 +26,7 @@ from . import attribution
 from .designs import DESIGNS
 from .tables import Table, build_table, compare_markdown, configurations, markdown, write_csv
 from .checks import UserError
-from .tracking import JOB, REPORT, ROLE, SWEEP, check_active, default_uri, reader, sweep_jobs
+from .tracking import JOB, REPORT, ROLE, SWEEP, default_uri, experiment_id, reader, sweep_jobs
 
 
 def load_sweep(client, exp_id: str, sweep: str):
@@ -67,16 +67,6 @@ def sweep_run(client, run_id: str):
     except MlflowException:
         return None
     return run if run.data.tags.get(ROLE) == SWEEP else None
-
-
-def experiment_id(client, experiment: str) -> str:
-    """The experiment's id; LookupError naming what the store has instead."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = [e.name for e in client.search_experiments()]
-        raise LookupError(f"no experiment {experiment!r} in this store; it has: {', '.join(names) or 'none'}")
-    check_active(exp, client.tracking_uri, "--experiment")
-    return exp.experiment_id
 
 
 def sweep_table(client, experiment: str, sweep: str, design: str | None) -> tuple[str, str, list, Table]:

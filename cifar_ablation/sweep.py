@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from .checks import ConfigError, UserError
 from .config import validate
 from .factorial import check_factorial, plan
+from .interrupts import held
 from .job import user_errors
 
 # MLflow (tracking.py, progress.py) is imported where the store is first opened, after the config is checked: Hydra
@@ -183,9 +184,14 @@ class SweepTracking(Callback):
         self.close()
 
     def close(self, interrupted: bool = False) -> None:
-        """FINISHED when every job finished; FAILED (interrupted or some job did not finish) otherwise."""
+        """FINISHED when every job finished; FAILED (interrupted or some job did not finish) otherwise. A Ctrl-C or
+        SIGTERM that comes meanwhile waits until the sweep run is closed (it would leave it RUNNING)."""
         if self.parent is None:
             return
+        with held():
+            self._close(interrupted)
+
+    def _close(self, interrupted: bool) -> None:
         from .tracking import PARENT_ENV
 
         parent, self.parent = self.parent, None

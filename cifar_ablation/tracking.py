@@ -1,16 +1,18 @@
 """MLflow bookkeeping shared by every process: the store and experiment (made once, before jobs start), who owns
 a run, and which job runs belong to a sweep. The sweep's parent run is sweep.py's; one job's own run, jobrun.py's.
 
-Everything goes through MlflowClient with explicit run ids, so concurrent jobs and the in-process basic
-launcher never share fluent "active run" state.
+Everything goes through a Client (an MlflowClient) with explicit run ids, so concurrent jobs and the in-process
+basic launcher never share fluent "active run" state.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 from filelock import FileLock
@@ -19,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from .checks import UserError, check_tracking_uri
+from .interrupts import held
 
 PARENT_ENV = "CIFAR_ABLATION_SWEEP_RUN"   # the sweep's parent run id, inherited by every job process
 ROLE, SWEEP, JOB, REPORT = "cifar_ablation.role", "sweep", "job", "report"
@@ -27,6 +30,26 @@ ROLE, SWEEP, JOB, REPORT = "cifar_ablation.role", "sweep", "job", "report"
 MEMBER = "in_sweep."
 # MLflow 3 UIs open an experiment in the view its kind names: model training, not the GenAI view.
 KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+class Client(MlflowClient):
+    """MlflowClient whose every public call holds Ctrl-C, SIGTERM and SLURM's SIGUSR2 until it returns
+    (interrupts.held): a stop comes between two calls to the store, never inside one, where it would leave a
+    sqlite store locked and the run RUNNING. A call waits at most its own length: milliseconds, or the upload
+    of a checkpoint (most of those are the background writer's, whose thread signals never reach)."""
+
+
+def _holding(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with held():
+            return fn(*args, **kwargs)
+    return call
+
+
+for _name, _fn in vars(MlflowClient).items():
+    if inspect.isfunction(_fn) and not _name.startswith("_"):
+        setattr(Client, _name, _holding(_fn))
 
 
 def system_metrics(uri: str, run_id: str, resumed: bool) -> Any:
@@ -55,17 +78,17 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]).expanduser() if uri.startswith("sqlite:///") else None
 
 
-def client_for(uri: str) -> MlflowClient:
+def client_for(uri: str) -> Client:
     """A client whose store is ready. A sqlite store is created (schema, migrations) under a file lock beside it:
     MLflow's own creation is not safe when several launchers start at once on a new store (it fails with
     'duplicate column name' or 'table ... already exists')."""
     db = sqlite_file(uri)
     if db is None:
-        return MlflowClient(tracking_uri=uri)
+        return Client(tracking_uri=uri)
     db.parent.mkdir(parents=True, exist_ok=True)  # a new store's folder (not every MLflow made it)
     with FileLock(db.with_name(db.name + ".lock")):
         try:  # the store's creation or upgrade happens here, one process at a time
-            client = MlflowClient(tracking_uri=uri)
+            client = Client(tracking_uri=uri)
             client.search_experiments(max_results=1)
         except MlflowException as e:
             raise newer_store(db, e) from None
@@ -101,6 +124,17 @@ def check_active(exp, uri: str, key: str) -> None:
         raise UserError(f"the experiment {exp.name!r} (id {exp.experiment_id}) in {uri} was deleted (the MLflow UI's "
                         f"Delete, or `mlflow experiments delete`): restore it with `mlflow experiments restore "
                         f"--experiment-id {exp.experiment_id}` (MLFLOW_TRACKING_URI={uri}), or choose another {key}")
+
+
+def experiment_id(client: MlflowClient, experiment: str) -> str:
+    """A reader's experiment (report, UI): its id; LookupError naming what the store has instead, UserError where
+    it was deleted (check_active)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise LookupError(f"no experiment {experiment!r} in this store; it has: {', '.join(names) or 'none'}")
+    check_active(exp, client.tracking_uri, "--experiment")
+    return exp.experiment_id
 
 
 def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:

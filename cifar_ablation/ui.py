@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .checks import UserError
-from .tracking import ROLE, SWEEP, client_for, default_uri, reader
+from .tracking import ROLE, SWEEP, default_uri, experiment_id, reader
 
 BROWSER = "/usr/bin/chromium"  # Debian's chromium; Playwright drives it (no browser download)
 # A headless Chromium on a closed network: no sandbox as root, none of its own background connections.
@@ -130,15 +130,14 @@ def check_port(port: int) -> None:
                             f"--port N (make ui PORT=N)") from None
 
 
-def latest_sweep(tracking_uri: str, experiment: str) -> tuple[str, str]:
-    """(experiment id, run name of its latest sweep); LookupError when it has none."""
-    client = client_for(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = '{SWEEP}'", max_results=1,
-                              order_by=["attributes.start_time DESC"]) if exp else []
+def latest_sweep(client, experiment: str) -> tuple[str, str]:
+    """(experiment id, run name of its latest sweep); LookupError when it has none or no such experiment."""
+    exp_id = experiment_id(client, experiment)
+    runs = client.search_runs([exp_id], f"tags.`{ROLE}` = '{SWEEP}'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
     if not runs:
-        raise LookupError(f"no sweep in experiment {experiment!r} of {tracking_uri}")
-    return exp.experiment_id, runs[0].info.run_name
+        raise LookupError(f"no sweep in experiment {experiment!r} of {client.tracking_uri} to picture: run one first")
+    return exp_id, runs[0].info.run_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         client = reader(args.tracking_uri)
         if args.screenshots or not served:
             check_port(args.port)
-    except UserError as e:
+        if args.screenshots:
+            exp_id, sweep = latest_sweep(client, args.experiment or "cifar-ablation")
+    except (UserError, LookupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.screenshots:
-        exp_id, sweep = latest_sweep(args.tracking_uri, args.experiment or "cifar-ablation")
         with serve(args.tracking_uri, args.port, Path(tempfile.gettempdir()) / "cifar_ablation-mlflow-ui.log") as base:
             screenshots(runs_url(base, exp_id), sweep, "tricks", Path(args.screenshots))
         print(f"wrote {args.screenshots}/1-sweep.png, 2-report.png, 3-charts.png, 4-models.png")

@@ -142,3 +142,21 @@ def test_the_ui_on_a_port_another_program_holds_says_so_instead_of_pointing_at_i
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith(f"error: port {port} on 127.0.0.1 is taken (")
     assert out.err.rstrip().endswith("choose another, --port N (make ui PORT=N)")
+
+
+def test_ui_pictures_of_an_experiment_without_a_sweep_or_of_none_say_so(tmp_path, tracking_db, capsys):
+    """`python -m cifar_ablation.ui --screenshots DIR` pictures the experiment's latest sweep: where there is none
+    (a single run only), or no such experiment, one line, exit 2 (a LookupError's traceback before)."""
+    from mlflow.tracking import MlflowClient
+
+    from cifar_ablation.ui import main as ui_main
+
+    uri = f"sqlite:///{tracking_db}"
+    client = MlflowClient(uri)
+    client.create_run(client.create_experiment("single"), tags={ROLE: JOB})
+    shots = ["--tracking-uri", uri, "--port", "0", "--screenshots", str(tmp_path / "shots")]
+    assert ui_main([*shots, "--experiment", "single"]) == 2
+    assert capsys.readouterr().err == f"error: no sweep in experiment 'single' of {uri} to picture: run one first\n"
+    assert ui_main([*shots, "--experiment", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: no experiment 'nope' in this store; it has: ")
+    assert not (tmp_path / "shots").exists()

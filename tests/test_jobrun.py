@@ -132,3 +132,49 @@ def test_a_signal_while_the_run_closes_waits_until_it_has_closed():
         assert got == ["closed", ("after", signal.SIGTERM)]  # held, then sent on once
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+
+@pytest.mark.parametrize("statement,stop,raised", [
+    ("INSERT INTO runs", "SIGTERM", "Terminated"),          # as the run is created: before its try was entered
+    ("INSERT INTO params", "SIGTERM", "Terminated"),        # inside the try, in its first writes
+    ("INSERT INTO params", "SIGINT", "KeyboardInterrupt"),  # Ctrl-C alike
+])
+def test_a_stop_that_lands_inside_a_store_write_closes_the_run_killed(make_cfg, tracking_db, statement, stop, raised):
+    """A signal delivered while MLflow's sqlite store writes (after one of its INSERTs, before the COMMIT): raised
+    there, the exception left SQLAlchemy's connection behind holding the database's write lock; the run's closing
+    then waited 20 s per write and failed ('database is locked'), and the run stayed RUNNING (seen in CI: a share of
+    hydra.launcher.processes=2 stopped as it opened its run). The store's calls hold signals until they return, and
+    the run's opening until its try is entered: the stop comes between two calls, and the run closes KILLED."""
+    import os
+    import signal
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from cifar_ablation.identity import flat_params
+    from cifar_ablation.jobrun import Claim, job_run
+    from cifar_ablation.tracking import open_experiment
+
+    cfg = make_cfg(f"mlflow.tracking_uri=sqlite:///{tracking_db}", "mlflow.experiment=stop")
+    client, exp_id = open_experiment(cfg)
+    sent = []
+
+    def stop_mid_write(conn, cursor, sql, *args):
+        if sql.startswith(statement) and not sent:
+            sent.append(sql)
+            os.kill(os.getpid(), getattr(signal, stop))  # its handler runs at the next bytecode: in SQLAlchemy
+
+    event.listen(Engine, "after_cursor_execute", stop_mid_write)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C even where the tests run with
+    try:                                                               # SIGINT ignored (a shell's background job)
+        with pytest.raises(BaseException) as e, job_run(cfg, [], client, exp_id, Claim(CREATE)):
+            pytest.fail("the run was opened and its params written: the stop should have come before this")
+    finally:
+        event.remove(Engine, "after_cursor_execute", stop_mid_write)
+        signal.signal(signal.SIGINT, before)
+    assert sent and type(e.value).__name__ == raised
+    (run,) = client.search_runs([exp_id])
+    assert run.info.status == "KILLED" and run.data.tags["failure_reason"].startswith(raised), run.data.tags
+    if "params" in statement:
+        assert run.data.params.keys() == flat_params(cfg).keys()  # the call it came in went on to its end

@@ -92,3 +92,7 @@ def test_a_deleted_experiment_stops_runs_sweeps_and_the_report_saying_how_to_res
     assert client.search_runs([exp], run_view_type=3) == []  # ViewType.ALL: no run, deleted or not
     assert report_main(["--tracking-uri", uri, "--experiment", "gone"]) == 2  # it said "no job runs" before
     assert "was deleted" in capsys.readouterr().err and client.search_runs([exp], run_view_type=3) == []
+    from cifar_ablation.ui import main as ui_main  # its pictures of the experiment's latest sweep: the same line
+
+    assert ui_main(["--tracking-uri", uri, "--experiment", "gone", "--port", "0", "--screenshots", "x"]) == 2
+    assert capsys.readouterr().err.startswith("error: the experiment 'gone' (id ")

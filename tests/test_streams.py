@@ -65,7 +65,7 @@ def test_runs_side_by_side_give_what_they_give_alone_and_fail_alone(tmp_path, sl
     failed = [r for r in runs if r.info.status == "FAILED" and r.data.tags[ROLE] == JOB]
     assert all(r.data.tags["failure_reason"].startswith("NonFiniteLoss") for r in failed)
     (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
-    assert sweep.info.status == "FAILED" and "FINISHED: 2" in sweep.data.tags["job_states"]
+    assert sweep.info.status == "FAILED" and "FINISHED: 2" in sweep.data.tags["job_states"], res.stderr[-5000:]
 
     together = {r.data.tags["tricks"]: r for r in runs
                 if r.data.tags[ROLE] == JOB and r.data.params["optim.lr"] == "0.001"}
@@ -166,7 +166,8 @@ def test_a_bad_archive_in_one_share_stops_every_process_with_one_error(tmp_path,
     assert res.returncode != 0
     assert f"error: cannot read {bad}" in res.stderr, res.stderr[-3000:]
     _, runs = runs_in(tracking_db, "bad")
-    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert not [r for r in runs if r.info.status == "RUNNING"], (
+        [(r.info.status, r.data.tags) for r in runs], res.stdout[-6000:] + res.stderr[-6000:])
     (sweep,) = [r for r in runs if r.data.tags[ROLE] == SWEEP]
     assert sweep.info.status == "FAILED"
 

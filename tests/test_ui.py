@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cifar_ablation.tracking import reader
 from cifar_ablation.ui import BROWSER, latest_sweep, runs_url, screenshots, serve
 
 from .conftest import TINY, free_port, run_cli
@@ -22,7 +23,7 @@ def test_the_ui_opens_on_the_sweep_its_jobs_and_its_report(tmp_path, imagefolder
                    f"data.path={imagefolder('tar', per_class=40)}", f"mlflow.tracking_uri={uri}",
                    "mlflow.experiment=ui", "mlflow.log_model=true"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    exp_id, sweep = latest_sweep(uri, "ui")
+    exp_id, sweep = latest_sweep(reader(uri), "ui")
 
     with serve(uri, free_port(), tmp_path / "ui.log") as base:
         seen = screenshots(runs_url(base, exp_id), sweep, "tricks", tmp_path / "shots")

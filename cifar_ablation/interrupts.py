@@ -48,28 +48,27 @@ def held() -> Iterator[None]:
 
 
 class JobSignals:
-    """The signal handling of one open run (job_signals()). `seen` names the signals that came. hold() is for the
-    run's opening and closing: from then on SIGTERM and SIGINT are noted, not raised (a stop must not come between
-    the run's creation and the code that closes it, nor cut the closing short and leave the run without its
-    reason or RUNNING: such as the SIGTERM that SLURM sends a job submitit has just requeued); release() puts the
-    run's handlers back and raises what came meanwhile; what is still held is sent again once job_signals() has
-    put back the handlers it found."""
+    """The signal handling of one open run (job_signals()). `seen` names the signals that came; `handlers` are the
+    run's own. hold() is for the run's opening and closing: from then on SIGTERM, SIGINT and SIGUSR2 are noted, not
+    acted on (a stop must not come between the run's creation and the code that closes it, nor cut the closing
+    short and leave the run without its reason or RUNNING: such as the SIGTERM that SLURM sends a job submitit has
+    just requeued); release() puts the run's handlers back and sends on what came meanwhile; what is still held is
+    sent again once job_signals() has put back the handlers it found."""
 
-    def __init__(self, handlers: dict[int, Any]) -> None:
+    def __init__(self) -> None:
         self.seen: set[str] = set()
         self.held: list[int] = []
-        self.handlers = handlers  # the run's own, while it is open
+        self.handlers: dict[int, Any] = {}
 
     def hold(self) -> None:
         if threading.current_thread() is threading.main_thread():  # elsewhere signals are the host's
-            for s in (signal.SIGTERM, signal.SIGINT):
+            for s in self.handlers:
                 signal.signal(s, lambda signum, frame: self.held.append(signum))
 
     def release(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                if self.handlers.get(s) is not None:
-                    signal.signal(s, self.handlers[s])
+            for s, handler in self.handlers.items():
+                signal.signal(s, handler)
         came, self.held = dict.fromkeys(self.held), []
         for s in came:
             signal.raise_signal(s)
@@ -81,20 +80,21 @@ def job_signals() -> Iterator[JobSignals]:
     there is chained so that the run's reason can name it: submitit's, which SLURM's warning of a job's time
     limit (the launcher's signal_delay_s) or of a preemption calls; it requeues the job, then exits the process
     (SystemExit). Outside the main thread signals are left to the host."""
-    usr2 = getattr(signal, "SIGUSR2", None)  # POSIX only
+    js, usr2 = JobSignals(), getattr(signal, "SIGUSR2", None)  # POSIX only
     previous = {s: signal.getsignal(s) for s in STOPS}
     chained = previous.get(usr2)
-    js = JobSignals({signal.SIGTERM: raise_terminated, signal.SIGINT: previous[signal.SIGINT]})
 
     def on_usr2(signum: int, frame: Any) -> None:
         js.seen.add("SIGUSR2")
         chained(signum, frame)
+    run = {signal.SIGTERM: raise_terminated, signal.SIGINT: previous[signal.SIGINT],
+           usr2: on_usr2 if callable(chained) else chained}
+    js.handlers = {s: h for s, h in run.items() if s is not None and h is not None}  # None: set outside Python
     try:
-        signal.signal(signal.SIGTERM, raise_terminated)
-        if callable(chained):
-            signal.signal(usr2, on_usr2)
+        for s, handler in js.handlers.items():
+            signal.signal(s, handler)
     except ValueError:  # not the main thread
-        previous = {}
+        previous, js.handlers = {}, {}
     try:
         yield js
     finally:

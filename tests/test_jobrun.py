@@ -139,6 +139,7 @@ def test_a_signal_while_the_run_closes_waits_until_it_has_closed():
     ("INSERT INTO runs", "SIGTERM", "Terminated"),          # as the run is created: before its try was entered
     ("INSERT INTO params", "SIGTERM", "Terminated"),        # inside the try, in its first writes
     ("INSERT INTO params", "SIGINT", "KeyboardInterrupt"),  # Ctrl-C alike
+    ("INSERT INTO runs", "SIGUSR2", "SystemExit"),          # SLURM's warning, to submitit's handler (it exits)
 ])
 def test_a_stop_that_lands_inside_a_store_write_closes_the_run_killed(make_cfg, tracking_db, statement, stop, raised):
     """A signal delivered while MLflow's sqlite store writes (after one of its INSERTs, before the COMMIT): raised
@@ -165,16 +166,23 @@ def test_a_stop_that_lands_inside_a_store_write_closes_the_run_killed(make_cfg, 
             sent.append(sql)
             os.kill(os.getpid(), getattr(signal, stop))  # its handler runs at the next bytecode: in SQLAlchemy
 
+    def submitits(signum, frame):  # as submitit's SIGUSR2 handler ends: requeued, the process exits
+        raise SystemExit(-1)
+
     event.listen(Engine, "after_cursor_execute", stop_mid_write)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C even where the tests run with
-    try:                                                               # SIGINT ignored (a shell's background job)
+    # a Ctrl-C even where the tests run with SIGINT ignored (a shell's background job)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGUSR2, submitits)
+    try:
         with pytest.raises(BaseException) as e, job_run(cfg, [], client, exp_id, Claim(CREATE)):
             pytest.fail("the run was opened and its params written: the stop should have come before this")
     finally:
         event.remove(Engine, "after_cursor_execute", stop_mid_write)
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGUSR2, before[1])
     assert sent and type(e.value).__name__ == raised
     (run,) = client.search_runs([exp_id])
     assert run.info.status == "KILLED" and run.data.tags["failure_reason"].startswith(raised), run.data.tags
+    if stop == "SIGUSR2":
+        assert "after SIGUSR2, SLURM's warning" in run.data.tags["failure_reason"]
     if "params" in statement:
         assert run.data.params.keys() == flat_params(cfg).keys()  # the call it came in went on to its end

@@ -22,6 +22,18 @@ def raise_terminated(signum: int, frame: Any) -> None:
 STOPS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR2", None)) if s is not None)
 
 
+def _note(signals: Any, came: list[int]) -> None:
+    """From now on these signals are only noted in `came` (held: held(), JobSignals.hold())."""
+    for s in signals:
+        signal.signal(s, lambda signum, frame: came.append(signum))
+
+
+def _send(came: list[int]) -> None:
+    """What was held, sent on once each, in the order it came, to the handlers in place now."""
+    for s in dict.fromkeys(came):
+        signal.raise_signal(s)
+
+
 @contextmanager
 def held() -> Iterator[None]:
     """SIGTERM, SIGINT and SIGUSR2 noted, not acted on, until the block ends; then sent again, to the handlers it
@@ -36,15 +48,13 @@ def held() -> Iterator[None]:
     came: list[int] = []
     found = {s: signal.getsignal(s) for s in STOPS}
     found = {s: h for s, h in found.items() if h is not None}
-    for s in found:
-        signal.signal(s, lambda signum, frame: came.append(signum))
+    _note(found, came)
     try:
         yield
     finally:
         for s, h in found.items():
             signal.signal(s, h)
-        for s in dict.fromkeys(came):
-            signal.raise_signal(s)
+        _send(came)
 
 
 class JobSignals:
@@ -62,16 +72,14 @@ class JobSignals:
 
     def hold(self) -> None:
         if threading.current_thread() is threading.main_thread():  # elsewhere signals are the host's
-            for s in self.handlers:
-                signal.signal(s, lambda signum, frame: self.held.append(signum))
+            _note(self.handlers, self.held)
 
     def release(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for s, handler in self.handlers.items():
                 signal.signal(s, handler)
-        came, self.held = dict.fromkeys(self.held), []
-        for s in came:
-            signal.raise_signal(s)
+        came, self.held = self.held, []
+        _send(came)
 
 
 @contextmanager
@@ -101,8 +109,7 @@ def job_signals() -> Iterator[JobSignals]:
         for s, handler in previous.items():
             if handler is not None:  # None: set outside Python, and not to be put back from here
                 signal.signal(s, handler)
-        for s in dict.fromkeys(js.held):  # what came while the run closed, now to the handlers it would have met
-            signal.raise_signal(s)
+        _send(js.held)  # what came while the run closed, now to the handlers it would have met
 
 
 def interruption(e: BaseException, seen: set) -> str:

@@ -28,6 +28,13 @@ def _note(signals: Any, came: list[int]) -> None:
         signal.signal(s, lambda signum, frame: came.append(signum))
 
 
+def _install(handlers: dict[int, Any]) -> None:
+    """These handlers put in place; None (a handler set outside Python) is left alone: Python cannot put it back."""
+    for s, handler in handlers.items():
+        if handler is not None:
+            signal.signal(s, handler)
+
+
 def _send(came: list[int]) -> None:
     """What was held, sent on once each, in the order it came, to the handlers in place now."""
     for s in dict.fromkeys(came):
@@ -46,14 +53,12 @@ def held() -> Iterator[None]:
         yield
         return
     came: list[int] = []
-    found = {s: signal.getsignal(s) for s in STOPS}
-    found = {s: h for s, h in found.items() if h is not None}
+    found = {s: h for s in STOPS if (h := signal.getsignal(s)) is not None}
     _note(found, came)
     try:
         yield
     finally:
-        for s, h in found.items():
-            signal.signal(s, h)
+        _install(found)
         _send(came)
 
 
@@ -76,8 +81,7 @@ class JobSignals:
 
     def release(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            for s, handler in self.handlers.items():
-                signal.signal(s, handler)
+            _install(self.handlers)
         came, self.held = self.held, []
         _send(came)
 
@@ -87,28 +91,30 @@ def job_signals() -> Iterator[JobSignals]:
     """While a run is open: SIGTERM raises Terminated (the run closes KILLED), and a SIGUSR2 handler already
     there is chained so that the run's reason can name it: submitit's, which SLURM's warning of a job's time
     limit (the launcher's signal_delay_s) or of a preemption calls; it requeues the job, then exits the process
-    (SystemExit). Outside the main thread signals are left to the host."""
+    (SystemExit). Stops are held while that handler runs (a SIGTERM raised inside it would replace its exit
+    with Terminated, or cut its checkpoint short). Outside the main thread signals are left to the host."""
     js, usr2 = JobSignals(), getattr(signal, "SIGUSR2", None)  # POSIX only
     previous = {s: signal.getsignal(s) for s in STOPS}
     chained = previous.get(usr2)
 
     def on_usr2(signum: int, frame: Any) -> None:
+        # submitit's handler checkpoints and requeues the job, then exits; SLURM answers the requeue with a SIGTERM
+        # that may come before that exit: held meanwhile, it can neither cut the handler short nor replace its exit
         js.seen.add("SIGUSR2")
+        js.hold()
         chained(signum, frame)
+        js.release()  # it returned (a process of rank > 0 requeues nothing): stops act again
     run = {signal.SIGTERM: raise_terminated, signal.SIGINT: previous[signal.SIGINT],
            usr2: on_usr2 if callable(chained) else chained}
     js.handlers = {s: h for s, h in run.items() if s is not None and h is not None}  # None: set outside Python
     try:
-        for s, handler in js.handlers.items():
-            signal.signal(s, handler)
+        _install(js.handlers)
     except ValueError:  # not the main thread
         previous, js.handlers = {}, {}
     try:
         yield js
     finally:
-        for s, handler in previous.items():
-            if handler is not None:  # None: set outside Python, and not to be put back from here
-                signal.signal(s, handler)
+        _install(previous)
         _send(js.held)  # what came while the run closed, now to the handlers it would have met
 
 

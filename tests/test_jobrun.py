@@ -186,3 +186,40 @@ def test_a_stop_that_lands_inside_a_store_write_closes_the_run_killed(make_cfg, 
         assert "after SIGUSR2, SLURM's warning" in run.data.tags["failure_reason"]
     if "params" in statement:
         assert run.data.params.keys() == flat_params(cfg).keys()  # the call it came in went on to its end
+
+
+def test_the_sigterm_slurm_sends_a_requeued_job_does_not_cut_submitits_handler_short():
+    """submitit's SIGUSR2 handler requeues the job (scontrol requeue), and SLURM answers with a SIGTERM that can
+    come before the handler's own exit (seen in test_cluster's requeue test: the run's reason said Terminated).
+    Held while the handler runs: its exit is what stops the run, and the SIGTERM goes on, after the run closed, to
+    the handler it would have met (submitit's, which logs it). A handler that returns lets the SIGTERM act."""
+    import os
+    import signal
+
+    from cifar_ablation.interrupts import Terminated, job_signals
+
+    got = []
+
+    def submitits(signum, frame):
+        os.kill(os.getpid(), signal.SIGTERM)  # SLURM's answer to the requeue
+        for _ in range(1000):  # delivered here, between bytecodes, were it not held
+            pass
+        got.append("requeued")
+        raise SystemExit(-1)
+    before = (signal.signal(signal.SIGUSR2, submitits),
+              signal.signal(signal.SIGTERM, lambda signum, frame: got.append(("after", signum))))
+    try:
+        with pytest.raises(SystemExit), job_signals():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            for _ in range(1000):
+                pass
+        assert got == ["requeued", ("after", signal.SIGTERM)]
+
+        signal.signal(signal.SIGUSR2, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))  # no exit
+        with pytest.raises(Terminated), job_signals():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            for _ in range(1000):
+                pass
+    finally:
+        signal.signal(signal.SIGUSR2, before[0] or signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, before[1])

@@ -101,45 +101,35 @@ def test_bad_input_fails_before_training_and_leaves_no_run(tmp_path, tracking_db
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("design,rows", [
-    ("ladder", ["0 | baseline", "1 | noise", "2 | flip"]),
-    ("leave_one_out", ["all tricks", "without noise", "without flip"]),
-    ("one_at_a_time", ["baseline", "+ noise", "+ flip"]),
-])
-def test_each_design_sweeps_and_reports(tmp_path, imagefolder, capsys, design, rows, tracking_db):
-    db = tracking_db
-    res = run_cli([f"experiment={design}", "ablation.order=[noise,flip]", "seed=0,1", *TINY, "data=imagefolder",
-                   f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/cache",
-                   f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=design"], tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "Launching 6 jobs" in res.stdout + res.stderr  # 3 trick sets x 2 seeds, no -m needed
-    assert ": job 6 of 6 done (FINISHED 6)" in res.stdout + res.stderr  # counted from the design's sweep params
-    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "design", "--out", str(tmp_path)]) == 0
-    table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
-    assert [ln[2:].split(" | 2 | ")[0] for ln in table] == rows  # the row's label, then n = 2
-    assert (tmp_path / f"{design}.md").exists() and (tmp_path / f"{design}_accuracy.png").exists()
-
-
-def test_a_sweep_report_holds_the_runs_it_reused(tmp_path, imagefolder, capsys, tracking_db):
-    """A ladder, then a leave-one-out over the same order in the same experiment: the second sweep trains only
-    what the first did not, and its report still holds every row of its design (the reused runs too)."""
-    db = tracking_db
-    common = [*TINY, "ablation.order=[noise,flip]", "data=imagefolder", f"data.path={imagefolder('tar', per_class=80)}",
-              f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.experiment=mix"]
-    assert run_cli(["experiment=ladder", *common], tmp_path).returncode == 0   # [], [noise], [noise,flip]
-    res = run_cli(["experiment=leave_one_out", *common], tmp_path)           # [noise,flip], [flip], [noise]
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert (res.stdout + res.stderr).count("skipping") == 2                   # [noise,flip] and [noise]
-    client, runs = runs_in(db, "mix")
-    assert len([r for r in runs if r.data.tags[ROLE] == JOB]) == 4           # 3 + the one new
-    latest = max((r for r in runs if r.data.tags[ROLE] == SWEEP), key=lambda r: r.info.start_time)
-    assert latest.info.status == "FINISHED" and latest.data.tags["job_states"] == "FINISHED: 3"
-    assert report_main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "mix", "--out", str(tmp_path / "r"),
-                        "--no-figures"]) == 0
-    out = capsys.readouterr().out
-    assert "leave_one_out" in out and "Missing" not in out, out
-    rows = [ln.split(" | ")[0][2:] for ln in out.splitlines() if ln.startswith("| ")][1:]
-    assert rows == ["all tricks", "without noise", "without flip"]
+def test_three_designs_over_one_order_in_one_experiment_train_each_configuration_once(tmp_path, imagefolder, capsys,
+                                                                                       tracking_db):
+    """A ladder, then a leave-one-out, then a one-at-a-time over the same order in one experiment, as a user adds
+    designs: each launches its 6 jobs with no -m (3 trick sets x 2 seeds, counted from the design's sweep params),
+    trains only the configurations no earlier sweep finished (6, then 2, then none), and its report holds every
+    row of its design, the reused runs too."""
+    common = [*TINY, "ablation.order=[noise,flip]", "seed=0,1", "data=imagefolder",
+              f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/cache",
+              f"mlflow.tracking_uri=sqlite:///{tracking_db}", "mlflow.experiment=designs"]
+    for design, trained, rows in (("ladder", 6, ["0 | baseline", "1 | noise", "2 | flip"]),   # [] [noise] [noise,flip]
+                                  ("leave_one_out", 2, ["all tricks", "without noise", "without flip"]),  # + [flip]
+                                  ("one_at_a_time", 0, ["baseline", "+ noise", "+ flip"])):  # all three reused
+        res = run_cli([f"experiment={design}", *common], tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        log = res.stdout + res.stderr
+        assert "Launching 6 jobs" in log and log.count("skipping ") == 6 - trained, log[-3000:]
+        (last,) = [ln.split(": job 6 of 6 done (")[1] for ln in log.splitlines() if ": job 6 of 6 done (" in ln]
+        assert sorted(last.rstrip(")").split(", ")) == [s for s in (f"FINISHED {trained}", f"skipped {6 - trained}")
+                                                       if not s.endswith(" 0")], last
+        client, runs = runs_in(tracking_db, "designs")
+        latest = max((r for r in runs if r.data.tags[ROLE] == SWEEP), key=lambda r: r.info.start_time)
+        assert latest.info.status == "FINISHED" and latest.data.tags["job_states"] == "FINISHED: 6"
+        assert report_main(["--tracking-uri", f"sqlite:///{tracking_db}", "--experiment", "designs",
+                            "--out", str(tmp_path / design)]) == 0
+        out = capsys.readouterr().out
+        table = [ln for ln in out.splitlines() if ln.startswith("| ")][1:]
+        assert [ln[2:].split(" | 2 | ")[0] for ln in table] == rows and "Missing" not in out, out  # label, n = 2
+        assert (tmp_path / design / f"{design}.md").exists() and (tmp_path / design / f"{design}_accuracy.png").exists()
+    assert len([r for r in runs if r.data.tags[ROLE] == JOB]) == 8  # [], [noise], [noise,flip], [flip] x 2 seeds
 
 
 @pytest.mark.slow

@@ -146,32 +146,23 @@ def test_a_ladder_the_run_did_not_finish_is_published_apart(first, tmp_path):
     assert [r["n"] for r in rows] == ["3"] * 8 + ["2"], rows
 
 
-def test_a_ladder_an_earlier_call_cut_goes_on_after_the_bench_and_the_forms(first, tmp_path):
+def test_a_ladder_an_earlier_call_cut_goes_on_after_the_bench_and_the_forms_as_one_gang_if_its_processes_fail(
+        first, tmp_path):
     """A ladder cut by the budget missed its one call anyway: a second call measures what no call has yet (the
-    bench, the forms) before it finishes the ladder. Here the first call's WORK, its ladder's mark taken back."""
+    bench, the forms) before it finishes the ladder. Its processes fail as it starts (here because there are 0 of
+    them, which the launcher refuses): it goes on as one gang in one process, which skips the 26 finished jobs and
+    resumes the killed one, as a relaunch after a failed start does (none of 27 trains twice). On the first call's
+    WORK, its ladder's marks taken back and one run made KILLED, as a cut leaves it."""
     work = tmp_path / "work"
     shutil.copytree(first.tmp / "work", work)
     for mark in ("ladder", "report"):
         (work / "done" / mark).unlink()
     (work / "done" / "gpu_tests").touch()  # whatever test_a_second_call... did to the first call's WORK
-    _, log = gpu_run({**first.env, "WORK": str(work)}, tmp_path / "out", timeout=300)
+    killed = kill_one_run(work / "mlflow.db", rung=8, seed=2)
+    _, log = gpu_run({**first.env, "WORK": str(work), "PROCS": "0"}, tmp_path / "out", timeout=300)
     order = ["== bench: done in an earlier call", "== forms: done in an earlier call", "the ladder an earlier call cut",
              "== ladder (at most", "== report (at most", "== test test_cuda_out_of_memory_fails_saying_what_to_change:"]
     assert [log.index(line) for line in order] == sorted(log.index(line) for line in order), log[-3000:]
-    assert "== ladder: exit 0" in log and "FINISHED (jobs: FINISHED: 27)" in log
-
-
-def test_a_ladder_whose_processes_fail_as_it_starts_goes_on_as_one_gang(tmp_path, first):
-    """Here the processes fail because there are 0 of them, which the launcher refuses. On the first call's WORK,
-    its ladder's marks taken back and one run made KILLED (as a cut leaves it): the one gang skips the 26 finished
-    jobs and resumes the killed one, as a relaunch after a failed start does (and none of 27 trains twice)."""
-    work = tmp_path / "work"
-    shutil.copytree(first.tmp / "work", work)
-    for mark in ("done/ladder", "done/report", "ladder_started"):
-        (work / mark).unlink()
-    killed = kill_one_run(work / "mlflow.db", rung=8, seed=2)
-    env = {**first.env, "WORK": str(work), "PROCS": "0"}
-    _, log = gpu_run(env, tmp_path / "out", "--steps", "ladder", timeout=300)
     assert "hydra.launcher.processes=0" in log and "it goes on as one gang in one process" in log
     assert "Launching 27 jobs in this process" in log and log.split("==== summary of")[0].count("== ladder: exit 0") == 1
     assert log.count("skipping ") == 26 and f"resuming interrupted run {killed}" in log

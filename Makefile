@@ -19,9 +19,10 @@ install: $(STAMP)  ## make .venv and install the package (editable) with its dev
 
 # editable_mode=compat: the checkout itself on sys.path, so that Hydra's plugin scan finds hydra_plugins/ (the
 # streams launcher); the default editable mode hides namespace packages from that scan.
+# PIP_FLAGS: more pip options (CI: --no-compile, see .ci/run).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat $(PIP_FLAGS)
 	touch $(STAMP)
 
 services:  ## Debian packages the tests drive (Chromium, SLURM, PostgreSQL), where missing (root + apt-get)

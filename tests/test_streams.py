@@ -157,6 +157,7 @@ def test_a_bad_archive_in_one_job_stops_the_sweep_with_one_error_and_the_runs_tr
 # --- hydra.launcher.processes: the jobs split into shares, each share a gang in a process of its own ----------
 
 
+@pytest.mark.slow  # in make test-slow: CI runs the two suites side by side, and this one ended 1.5 min sooner
 def test_a_bad_archive_in_one_share_stops_every_process_with_one_error(tmp_path, slow_data, tracking_db):
     bad = tmp_path / "corrupt.tar"
     bad.write_bytes(b"not an archive" * 100)

@@ -223,3 +223,35 @@ def test_the_sigterm_slurm_sends_a_requeued_job_does_not_cut_submitits_handler_s
     finally:
         signal.signal(signal.SIGUSR2, before[0] or signal.SIG_DFL)
         signal.signal(signal.SIGTERM, before[1])
+
+
+def test_a_ctrl_c_while_the_sweep_run_closes_waits_until_it_is_closed(tracking_db, monkeypatch):
+    """A second Ctrl-C (or a SIGTERM) while the launcher closes the sweep's run (its jobs settled, its report made:
+    seconds, with figures) waits until the run is closed, then stops the launcher: the sweep is never left RUNNING
+    by it (a Ctrl-C acted on between the report and the closing did so)."""
+    import os
+    import signal
+
+    from cifar_ablation import sweep
+    from cifar_ablation.tracking import ROLE, SWEEP, client_for
+
+    client = client_for(f"sqlite:///{tracking_db}")
+    parent = client.create_run(client.create_experiment("close"), tags={ROLE: SWEEP}).info.run_id
+    made = []
+
+    def report_then_ctrl_c(client, parent, out, figures=True):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # delivered here, between bytecodes, were it not held
+            pass
+        made.append(figures)
+    monkeypatch.setattr(sweep, "publish", report_then_ctrl_c)
+    tracking = sweep.SweepTracking()
+    tracking.client, tracking.parent = client, parent
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C even in a shell's background job
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tracking.close()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    run = client.get_run(parent)
+    assert made == [True] and run.info.status == "FINISHED" and run.data.tags["job_states"] == "none"

@@ -128,6 +128,15 @@ def test_a_second_call_goes_on_where_the_first_stopped(first):
     assert "== gpu tests: exit 0" in log
 
 
+def test_steps_picks_what_a_call_runs(first, tmp_path):
+    """`--steps forms` on the first call's WORK: the forms are said done in an earlier call, and nothing else starts
+    (no ladder, report, bench, step ops or tests)."""
+    _, log = gpu_run(first.env, tmp_path / "out", "--steps", "forms", timeout=120)
+    assert "== forms: done in an earlier call" in log
+    for other in ("ladder", "report", "bench", "step ops", "gpu tests", "test test_"):
+        assert f"== {other}" not in log.split("==== summary of")[0].replace("== data", ""), other
+
+
 def test_a_ladder_the_run_did_not_finish_is_published_apart(first, tmp_path):
     """Its report goes to NAME-partial/; the published ladder.md (a complete ladder's) is left as it is. Here the
     first call's store with one run of rung 8, seed 2 made KILLED, as a budget's end leaves it."""

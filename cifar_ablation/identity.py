@@ -13,13 +13,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # Keys (or whole subtrees) that change what a run computes: part of its semantic hash.
-SEMANTIC = ("seed", "trick", "model", "optim", "ablation.order", "train.epochs", "train.batch_size",
+SEMANTIC = ("seed", "trick", "model", "optim", "train.epochs", "train.batch_size",
             "train.eval_batch_size", "train.label_smoothing", "train.amp", "train.channels_last",
             "data.name", "data.root", "data.path", "data.subset", "data.val_subset")
 # Keys that do not: where and how a run executes and is tracked. Left out of the semantic hash.
 NON_SEMANTIC = ("device", "force", "jobs_per_device", "mlflow", "train.progress_every_s", "train.checkpoint",
                 "train.compile", "train.cuda_graph", "train.cudnn_benchmark", "ablation.design", "ablation.fraction",
                 "ablation.slide",
+                # where a trick set sits in a design, not what it trains: tricks apply in their declared order
+                # (tricks.py), so a ladder in another order, or a factorial, reuses the runs it shares
+                "ablation.order",
                 "ablation.params",  # its effect is in trick.* (merged there for the chosen tricks)
                 "data.cache_dir",
                 "data.download")
@@ -34,22 +37,27 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
     """MLflow params: one per leaf key ('optim.lr'), values as strings (MLflow's limit: 6000 characters)."""
-    out: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = str(node)[:6000]
-    walk(plain(cfg), "")
-    return out
+    return flatten(plain(cfg))
 
 
-def semantic_hash(cfg: DictConfig) -> str:
+def flatten(node: Any, prefix: str = "") -> dict[str, str]:
+    """Plain containers as flat_params writes them: {'a.b': 'value'} (an empty dict is a leaf)."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, child in node.items() for k, v in flatten(child, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: str(node)[:6000]}
+
+
+def plan_params(ablation: dict[str, Any]) -> dict[str, str]:
+    """What a design's table is built from, as params of the sweep's run (tables.plan reads them): its trick
+    order, a factorial's fraction and the slide's numbers. The sweep's own, whatever order its reused runs
+    were trained in."""
+    return flatten({"ablation": {k: ablation[k] for k in ("order", "fraction", "slide")}})
+
+
+def semantic_hash(cfg: DictConfig, without: tuple[str, ...] = NON_SEMANTIC) -> str:
     """Hash of the resolved config minus the NON_SEMANTIC keys: equal for runs that compute the same thing."""
     config = plain(cfg)
-    for key in NON_SEMANTIC:
+    for key in without:
         *parents, leaf = key.split(".")
         node = config
         for p in parents:
@@ -60,14 +68,20 @@ def semantic_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def hashes(cfg: DictConfig) -> tuple[str, str]:
+    """(semantic_hash, the hash runs were tagged with before ablation.order left it): a store's older runs of
+    this config are found by the second, where the order is this config's."""
+    return semantic_hash(cfg), semantic_hash(cfg, tuple(k for k in NON_SEMANTIC if k != "ablation.order"))
+
+
 def is_semantic(key: str) -> bool:
     return any(key == c or key.startswith(c + ".") for c in SEMANTIC)
 
 
 def group_key(params: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """One configuration, from a run's logged params: what changes its result, but the seed (replicates differ
-    in it) and ablation.order (it only says where a trick set sits in a design)."""
-    return tuple(sorted((k, v) for k, v in params.items() if is_semantic(k) and k not in ("seed", "ablation.order")))
+    in it)."""
+    return tuple(sorted((k, v) for k, v in params.items() if is_semantic(k) and k != "seed"))
 
 
 def classified(key: str) -> list[str]:

@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from .designs import rung
-from .identity import flat_params, semantic_hash
+from .identity import flat_params, hashes, semantic_hash
 from .interrupts import Terminated, interruption, job_signals
 from .tracking import JOB, MEMBER, PARENT_ENV, ROLE, owner, process_alive, system_metrics
 
@@ -66,9 +66,11 @@ def claim_run(earlier: list, me: dict[str, str], force: bool, alive: Callable[[A
 
 
 def claim(cfg: DictConfig, client: MlflowClient, exp_id: str) -> Claim:
-    """claim_run over this config's earlier runs in the store; a refusal raises AlreadyRunning."""
-    earlier = client.search_runs([exp_id], f"tags.config_hash = '{semantic_hash(cfg)}' and tags.`{ROLE}` = '{JOB}'",
-                                 order_by=["attributes.start_time DESC"])
+    """claim_run over this config's earlier runs in the store (those tagged with its hash as older versions
+    computed it too: identity.hashes); a refusal raises AlreadyRunning."""
+    found = {r.info.run_id: r for h in dict.fromkeys(hashes(cfg)) for r in client.search_runs(
+        [exp_id], f"tags.config_hash = '{h}' and tags.`{ROLE}` = '{JOB}'", order_by=["attributes.start_time DESC"])}
+    earlier = sorted(found.values(), key=lambda r: r.info.start_time, reverse=True)
     c = claim_run(earlier, owner(), cfg.force, process_alive)
     if c.action == REFUSE:
         tags = c.run.data.tags

@@ -75,8 +75,8 @@ def sweep_table(client, experiment: str, sweep: str, design: str | None) -> tupl
     sweep_id, runs = load_sweep(client, exp_id, sweep)
     if not runs:
         raise LookupError(f"no job runs for sweep {sweep!r} in experiment {experiment!r}")
-    parent = sweep_run(client, sweep_id)  # the sweep's own design, not that of the runs it reused
-    table = build_table(runs, design or (parent and parent.data.tags.get("design")))
+    # the sweep's own design and trick order, not those of the runs it reused
+    table = build_table(runs, design, sweep_run(client, sweep_id))
     if sweep != "all":
         table.notes += more_seeds_elsewhere(client, exp_id, table)
     return exp_id, sweep_id, runs, table
@@ -104,7 +104,7 @@ def attribution_tables(client, experiment: str) -> tuple[str, dict[str, tuple[st
         if design in DESIGNS and design not in out:
             runs = sweep_jobs(client, exp_id, parent.info.run_id)
             if runs:
-                out[design] = (parent.info.run_id, build_table(runs, design))
+                out[design] = (parent.info.run_id, build_table(runs, design, parent))
     if not out:
         raise LookupError(f"no design sweep (ladder, one-at-a-time, leave-one-out, factorial) in {experiment!r}")
     return exp_id, out

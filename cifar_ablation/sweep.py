@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .checks import ConfigError, UserError
 from .config import validate
 from .factorial import check_factorial, plan
+from .identity import plan_params
 from .interrupts import held
 from .job import user_errors
 
@@ -152,6 +153,8 @@ class SweepTracking(Callback):
                 check_jobs(config, jobs)
         elif not valid(config, runs_here(config)):  # no store, no parent run: the first job reports the error
             return
+        from mlflow.entities import Param
+
         from .progress import Progress
         from .tracking import PARENT_ENV, ROLE, SWEEP, open_experiment
 
@@ -161,6 +164,8 @@ class SweepTracking(Callback):
         run = self.client.create_run(exp_id, run_name=name, tags={ROLE: SWEEP, "design": config.ablation.design})
         self.parent = run.info.run_id
         self.client.set_tag(self.parent, "sweep_id", self.parent)
+        params = plan_params(OmegaConf.to_container(config.ablation, resolve=True))  # its table's (tables.plan)
+        self.client.log_batch(self.parent, params=[Param(k, v) for k, v in params.items()])
         self.folder = Path(config.hydra.sweep.dir)
         if config.ablation.design == "factorial":  # what the design confounds, before anything trains
             text = plan(list(config.ablation.order), config.ablation.fraction).describe()
@@ -239,7 +244,7 @@ def publish(client: MlflowClient, parent: str, out: Path, figures: bool = True) 
         runs = sweep_jobs(client, sweep.info.experiment_id, parent)
         if not runs:
             return
-        table = build_table(runs, sweep.data.tags.get("design"))
+        table = build_table(runs, sweep=sweep)
         table.notes += more_seeds_elsewhere(client, sweep.info.experiment_id, table)
         text = render(table, f"{table.design.name} — sweep {parent} ({len(runs)} runs)")
         files = write_files(client, table, text, out, figures)

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .checks import CONF_DIR
-from .designs import DESIGNS, SINGLE, Design, RowSpec, infer_design
+from .designs import DESIGNS, SINGLE, Design, RowSpec, infer_design, ordered_tricks
 from .groups import Group, group_runs
 from .stats import MAX_SEEDS, NAN, POWER, VERDICT_TEST, Comparison, compare, holm, seeds_to_resolve, summary
 
@@ -124,42 +124,47 @@ def counts(run: Any) -> bool:
     return run.info.status == "FINISHED" and "val_acc" in run.data.metrics
 
 
-def configurations(runs) -> tuple[dict[tuple, list[Group]], list[str]]:
-    """The configurations of the runs a table counts, by trick set, and notes on repeated seeds (groups.group_runs)."""
+def configurations(runs, order: Any = ()) -> tuple[dict[tuple, list[Group]], list[str]]:
+    """The configurations of the runs a table counts, by trick set (spelled in `order`, however each run spells
+    it), and notes on repeated seeds (groups.group_runs)."""
     finished = [r for r in runs if counts(r)]
-    return group_runs(finished, [tuple(parse_tricks(r.data.tags.get("tricks"))) for r in finished])
+    return group_runs(finished, [trick_set(r, order) for r in finished])
 
 
-def build_table(runs, design: str | None = None) -> Table:
-    ignored: list[str] = []
-    order: list[str] = []
-    fraction: int | None = None
-    slide: dict[str, float] = {}
-    designs: list[str] = []
-    tried: set[tuple] = set()  # every trick set with a run, finished or not
-    for r in runs:
-        tags, params = r.data.tags, r.data.params
-        if not order and "ablation.order" in params:
-            order = list(ast.literal_eval(params["ablation.order"]))
-            fraction = ast.literal_eval(params.get("ablation.fraction", "None"))
-            slide = {k.split(".")[-1]: float(v) for k, v in params.items() if k.startswith("ablation.slide.")}
-        designs.append(tags.get("design", SINGLE))
-        tried.add(tuple(parse_tricks(tags.get("tricks"))))
-        if not counts(r):
-            ignored.append(f"{r.info.run_id} [{tags.get('tricks')} seed {tags.get('seed')}] {r.info.status}: "
-                           f"{tags.get('failure_reason', 'no val_acc logged')}")
-    groups, notes = configurations(runs)
-    if design is None:
-        design = max(set(designs), key=designs.count) if designs else "ladder"
+def trick_set(run: Any, order: Any = ()) -> tuple[str, ...]:
+    """The tricks a run trained, in `order` (a run's tag spells them in the order of the sweep that trained it)."""
+    return tuple(ordered_tricks(parse_tricks(run.data.tags.get("tricks")), order))
+
+
+def plan(runs, sweep: Any = None) -> tuple[list[str], int | None, dict[str, float]]:
+    """(trick order, a factorial's fraction, the slide's numbers) a table is built with: the sweep run's own
+    (identity.plan_params), else those of the newest run that logged them (a single run; --sweep all)."""
+    params = next((p for p in [sweep and sweep.data.params, *(r.data.params for r in runs)]
+                   if p and "ablation.order" in p), {})
+    if not params:
+        return [], None, {}
+    slide = {k.split(".")[-1]: float(v) for k, v in params.items() if k.startswith("ablation.slide.")}
+    return list(ast.literal_eval(params["ablation.order"])), ast.literal_eval(params.get("ablation.fraction", "None")), slide
+
+
+def build_table(runs, design: str | None = None, sweep: Any = None) -> Table:
+    """The table of these job runs: the design given, else the sweep run's (`sweep`, whose params give the trick
+    order: plan), else the runs' commonest; a hand-made sweep's inferred from its trick sets."""
+    order, fraction, slide = plan(runs, sweep)
+    tried = {frozenset(trick_set(r)) for r in runs}  # every trick set with a run, finished or not
+    ignored = [f"{r.info.run_id} [{r.data.tags.get('tricks')} seed {r.data.tags.get('seed')}] {r.info.status}: "
+               f"{r.data.tags.get('failure_reason', 'no val_acc logged')}" for r in runs if not counts(r)]
+    designs = [r.data.tags.get("design", SINGLE) for r in runs]
+    design = design or (sweep.data.tags.get("design") if sweep is not None else None) or \
+        (max(set(designs), key=designs.count) if designs else "ladder")
     inferred = ""
     if design == SINGLE:  # a hand-made sweep: the design its trick sets form
         d, order, why = infer_design(tried, order)
         fraction, inferred = None, f"{d.name} ({why})"
     else:
         d = DESIGNS[design]
-    spelling = {frozenset(k): k for k in tried}  # a design's set as the runs spell it (their own trick order)
-    specs = [replace(s, tricks=spelling.get(frozenset(s.tricks), s.tricks)) for s in d.rows(order, fraction)] \
-        if order or inferred else []
+    groups, notes = configurations(runs, order)
+    specs = d.rows(order, fraction) if order or inferred else []
     rows = [row for spec in specs for row in _rows(spec, specs, groups, d, slide)]
     rows = [replace(r, p_holm=q) for r, q in zip(rows, holm([r.p_value for r in rows]))]
     sources = sorted({data_of(r) for r in runs if counts(r)})

@@ -101,19 +101,22 @@ def test_bad_input_fails_before_training_and_leaves_no_run(tmp_path, tracking_db
 
 
 @pytest.mark.slow
-def test_three_designs_over_one_order_in_one_experiment_train_each_configuration_once(tmp_path, imagefolder, capsys,
-                                                                                       tracking_db):
-    """A ladder, then a leave-one-out, then a one-at-a-time over the same order in one experiment, as a user adds
-    designs: each launches its 6 jobs with no -m (3 trick sets x 2 seeds, counted from the design's sweep params),
-    trains only the configurations no earlier sweep finished (6, then 2, then none), and its report holds every
-    row of its design, the reused runs too."""
-    common = [*TINY, "ablation.order=[noise,flip]", "seed=0,1", "data=imagefolder",
-              f"data.path={imagefolder('tar', per_class=80)}", f"data.cache_dir={tmp_path}/cache",
-              f"mlflow.tracking_uri=sqlite:///{tracking_db}", "mlflow.experiment=designs"]
-    for design, trained, rows in (("ladder", 6, ["0 | baseline", "1 | noise", "2 | flip"]),   # [] [noise] [noise,flip]
-                                  ("leave_one_out", 2, ["all tricks", "without noise", "without flip"]),  # + [flip]
-                                  ("one_at_a_time", 0, ["baseline", "+ noise", "+ flip"])):  # all three reused
-        res = run_cli([f"experiment={design}", *common], tmp_path)
+def test_four_designs_in_three_orders_in_one_experiment_train_each_configuration_once(tmp_path, imagefolder, capsys,
+                                                                                        tracking_db):
+    """A ladder, then a leave-one-out and a one-at-a-time over the other order, then the ladder over that order, in
+    one experiment, as a user adds designs: each launches its 6 jobs with no -m (3 trick sets x 2 seeds, counted
+    from the design's sweep params), trains only the configurations no earlier sweep finished, whatever order
+    trained them (6, then 2, then none, then none), and its report holds every row of its design in its own
+    order, the reused runs too."""
+    common = [*TINY, "seed=0,1", "data=imagefolder", f"data.path={imagefolder('tar', per_class=80)}",
+              f"data.cache_dir={tmp_path}/cache", f"mlflow.tracking_uri=sqlite:///{tracking_db}",
+              "mlflow.experiment=designs"]
+    for design, order, trained, rows in (
+            ("ladder", "[noise,flip]", 6, ["0 | baseline", "1 | noise", "2 | flip"]),    # [] [noise] [noise,flip]
+            ("leave_one_out", "[flip,noise]", 2, ["all tricks", "without flip", "without noise"]),  # + [flip]
+            ("one_at_a_time", "[flip,noise]", 0, ["baseline", "+ flip", "+ noise"]),   # all three reused
+            ("ladder", "[flip,noise]", 0, ["0 | baseline", "1 | flip", "2 | noise"])):
+        res = run_cli([f"experiment={design}", f"ablation.order={order}", *common], tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
         log = res.stdout + res.stderr
         assert "Launching 6 jobs" in log and log.count("skipping ") == 6 - trained, log[-3000:]
@@ -126,8 +129,9 @@ def test_three_designs_over_one_order_in_one_experiment_train_each_configuration
         assert report_main(["--tracking-uri", f"sqlite:///{tracking_db}", "--experiment", "designs",
                             "--out", str(tmp_path / design)]) == 0
         out = capsys.readouterr().out
-        table = [ln for ln in out.splitlines() if ln.startswith("| ")][1:]
-        assert [ln[2:].split(" | 2 | ")[0] for ln in table] == rows and "Missing" not in out, out  # label, n = 2
+        for text in (out, latest.data.tags["mlflow.note.content"]):  # the report, and the sweep's own on its run
+            table = [ln for ln in text.splitlines() if ln.startswith("| ")][1:]
+            assert [ln[2:].split(" | 2 | ")[0] for ln in table] == rows and "Missing" not in text, text  # n = 2
         assert (tmp_path / design / f"{design}.md").exists() and (tmp_path / design / f"{design}_accuracy.png").exists()
     assert len([r for r in runs if r.data.tags[ROLE] == JOB]) == 8  # [], [noise], [noise,flip], [flip] x 2 seeds
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from cifar_ablation.checks import ConfigError, UserError, check_command_line, check_trick_overrides
 from cifar_ablation.config import apply_trick_params, validate
 from cifar_ablation.designs import DESIGNS, design_sweep, ordered_tricks, rung
-from cifar_ablation.identity import classified, flat_params, semantic_hash
+from cifar_ablation.identity import classified, flat_params, hashes, semantic_hash
 from cifar_ablation.tricks import BATCH_ORDER, TRICKS
 
 from .conftest import CONF, ROOT
@@ -83,13 +83,19 @@ def test_rung_is_the_prefix_length():
     assert rung(["batchnorm"], ORDER) is None
 
 
-def test_semantic_hash_ignores_device_and_tracking_but_not_seed(make_cfg):
+def test_semantic_hash_ignores_device_tracking_and_the_trick_order_but_not_seed(make_cfg):
     base = semantic_hash(make_cfg("trick=[noise]"))
     assert semantic_hash(make_cfg("trick=[noise]", "device=cpu", "mlflow.experiment=x")) == base
     assert semantic_hash(make_cfg("trick=[noise]", "seed=1")) != base
     assert semantic_hash(make_cfg("trick=[noise]", "trick.noise.std=0.02")) != base
-    # the value stores already hold: a run of the default noise config keeps its identity across releases
-    assert base == "dd207f0d1b1b6a49"
+    # the order says where a trick set sits in a design; the same set in any order trains the same run
+    both = semantic_hash(make_cfg("trick=[noise,flip]", "ablation.order=[noise,flip]"))
+    assert semantic_hash(make_cfg("trick=[flip,noise]", "ablation.order=[flip,noise]")) == both
+    assert semantic_hash(make_cfg("trick=[noise]", "ablation.order=[flip,noise]")) == base
+    # the values stores hold: this release's, and the one runs were tagged with while the order was part of it
+    # (claim finds a store's older runs of a config by it: with the config's own order, as they were found)
+    assert hashes(make_cfg("trick=[noise]")) == (base, "dd207f0d1b1b6a49") and base == "b5b292d9403e7713"
+    assert hashes(make_cfg("trick=[noise]", "ablation.order=[flip,noise]"))[1] != "dd207f0d1b1b6a49"
 
 
 def conf_keys() -> set[str]:

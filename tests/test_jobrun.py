@@ -1,5 +1,5 @@
-"""claim_run: what a job does with its config's earlier runs, decided without processes or a store; and how a
-JobRun writes each epoch."""
+"""claim_run: what a job does with its config's earlier runs, decided without processes or a store (and claim,
+which finds them in one); and how a JobRun writes each epoch."""
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +10,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cifar_ablation.jobrun import CREATE, REFUSE, RESUME, SKIP, JobRun, claim_run
+from cifar_ablation.identity import hashes
+from cifar_ablation.jobrun import CREATE, REFUSE, RESUME, SKIP, JobRun, claim, claim_run
+from cifar_ablation.tracking import JOB, ROLE
 
 ME = {"host": "here", "pid": "100"}
 
@@ -45,6 +47,29 @@ def test_claim_run(earlier, force, action, run_id):
     c = claim_run(earlier, ME, force, alive)
     assert c.action == action
     assert (c.run.info.run_id if c.run is not None else None) == run_id
+
+
+def test_claim_finds_a_configs_runs_in_any_trick_order_and_those_older_releases_tagged(make_cfg, tracking_db):
+    """A run's identity leaves the trick order out, so a sweep in another order reuses it. A run an older release
+    tagged (its hash held the order) is still found by the same config in that order, as it was then."""
+    client = MlflowClient(f"sqlite:///{tracking_db}")
+    exp = client.create_experiment("claims")
+
+    def finished(config_hash: str) -> str:
+        r = client.create_run(exp, tags={ROLE: JOB, "config_hash": config_hash})
+        client.set_terminated(r.info.run_id, "FINISHED")
+        return r.info.run_id
+
+    def claimed(order: str):
+        c = claim(make_cfg("trick=[noise,flip]", f"ablation.order={order}"), client, exp)
+        return c.action, c.run and c.run.info.run_id
+
+    new, old = hashes(make_cfg("trick=[noise,flip]", "ablation.order=[noise,flip]"))
+    assert claimed("[noise,flip]") == (CREATE, None)
+    older = finished(old)
+    assert claimed("[noise,flip]") == (SKIP, older) and claimed("[flip,noise]") == (CREATE, None)
+    newer = finished(new)
+    assert claimed("[noise,flip]") == claimed("[flip,noise]") == claimed("[flip,dropout,noise]") == (SKIP, newer)
 
 
 def test_an_epoch_is_written_in_the_background_from_a_copy_then_flushed(tmp_path, tracking_db):

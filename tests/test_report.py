@@ -9,10 +9,11 @@ from mlflow.tracking import MlflowClient
 from scipy import stats as st
 
 from cifar_ablation.designs import infer_design
-from cifar_ablation.report import load_sweep, main
+from cifar_ablation.identity import plan_params
+from cifar_ablation.report import load_sweep, main, sweep_run
 from cifar_ablation.stats import holm, seeds_to_resolve
 from cifar_ablation.tables import build_table, machine_of, markdown, write_csv
-from cifar_ablation.tracking import JOB, REPORT, ROLE
+from cifar_ablation.tracking import JOB, MEMBER, REPORT, ROLE, SWEEP
 
 ORDER = ["noise", "batchnorm", "dropout"]
 SLIDE = {"baseline": "80.2", "noise": "80.9", "batchnorm": "82.0", "flip": "90.7"}
@@ -216,6 +217,46 @@ def test_the_same_seed_twice_is_one_replicate(store):
     assert (t.rows[0].n, t.rows[0].val_mean) == (2, 12.0)         # seeds 0 and 1 (the newer run of seed 1)
     assert len(t.notes) == 1 and newer in t.notes[0] and "one replicate" in t.notes[0]
     assert "Note: [baseline] seed 1" in markdown(t, "t")
+
+
+def test_designs_in_other_orders_read_the_runs_they_reuse_in_their_own(store):
+    """A ladder over [batchnorm, flip], then one over [flip, batchnorm] (it trains [flip] and a new seed of the
+    full set, and reuses the baseline and the first's full set), then a one-at-a-time over [batchnorm, flip] that
+    trains nothing: each table follows its own sweep's order (the sweep run's params: the runs it reuses were
+    logged with another), and a trick set its runs spell two ways is one configuration."""
+    client, _, _ = store
+    exp = client.create_experiment("orders")
+
+    def sweep(design: str, order: list[str]) -> str:
+        run = client.create_run(exp, tags={ROLE: SWEEP, "design": design}).info.run_id
+        client.set_tag(run, "sweep_id", run)
+        for k, v in plan_params({"order": order, "fraction": None, "slide": {}}).items():
+            client.log_param(run, k, v)
+        return run
+
+    def trained(sweep_id: str, order: list[str], tricks: str, seed: int, val: float, design: str) -> str:
+        return job(client, exp, tricks, seed, val, {"ablation.order": str(order), "trick": "{}"}, sweep=sweep_id,
+                   design=design)
+
+    a = sweep("ladder", ["batchnorm", "flip"])
+    base, bn, full = (trained(a, ["batchnorm", "flip"], t, 0, v, "ladder")
+                      for t, v in (("baseline", 60.0), ("batchnorm", 68.0), ("batchnorm,flip", 70.0)))
+    b = sweep("ladder", ["flip", "batchnorm"])
+    flip = trained(b, ["flip", "batchnorm"], "flip", 0, 61.0, "ladder")
+    trained(b, ["flip", "batchnorm"], "flip,batchnorm", 1, 72.0, "ladder")
+    c = sweep("one_at_a_time", ["batchnorm", "flip"])
+    for sweep_id, reused in ((b, (base, full)), (c, (base, bn, flip))):
+        for run_id in reused:
+            client.set_tag(run_id, f"{MEMBER}{sweep_id}", "1")
+    tables = {s: build_table(load_sweep(client, exp, s)[1], sweep=sweep_run(client, s)) for s in (a, b, c)}
+    assert [(r.row, r.n) for r in tables[b].rows] == [("0 baseline", 1), ("1 flip", 1), ("2 batchnorm", 2)]
+    assert tables[b].rows[2].val_mean == 71.0 and tables[b].rows[2].tricks == ("flip", "batchnorm")
+    assert [r.row for r in tables[c].rows] == ["baseline", "+ batchnorm", "+ flip"]
+    assert [r.row for r in tables[a].rows] == ["0 baseline", "1 batchnorm", "2 flip"]
+    assert not any(t.missing or t.extra for t in tables.values())
+    pooled = build_table(load_sweep(client, exp, "all")[1], "ladder")   # the newest run's order: [flip, batchnorm]
+    assert [(r.row, r.n) for r in pooled.rows] == [("0 baseline", 1), ("1 flip", 1), ("2 batchnorm", 2)]
+    assert pooled.extra == ["batchnorm"] and not pooled.missing
 
 
 def test_attribution_puts_every_designs_answer_side_by_side(store, capsys):

@@ -47,8 +47,8 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: str(node)[:6000]}
 
 
-def plan_params(ablation: dict[str, Any]) -> dict[str, str]:
-    """What a design's table is built from, as params of the sweep's run (tables.plan reads them): its trick
+def table_params(ablation: dict[str, Any]) -> dict[str, str]:
+    """What a design's table is built from, as params of the sweep's run (tables.settings reads them): its trick
     order, a factorial's fraction and the slide's numbers. The sweep's own, whatever order its reused runs
     were trained in."""
     return flatten({"ablation": {k: ablation[k] for k in ("order", "fraction", "slide")}})

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checks import ConfigError, UserError
 from .config import validate
 from .factorial import check_factorial, plan
-from .identity import plan_params
+from .identity import table_params
 from .interrupts import held
 from .job import user_errors
 
@@ -164,7 +164,7 @@ class SweepTracking(Callback):
         run = self.client.create_run(exp_id, run_name=name, tags={ROLE: SWEEP, "design": config.ablation.design})
         self.parent = run.info.run_id
         self.client.set_tag(self.parent, "sweep_id", self.parent)
-        params = plan_params(OmegaConf.to_container(config.ablation, resolve=True))  # its table's (tables.plan)
+        params = table_params(OmegaConf.to_container(config.ablation, resolve=True))  # its table's (tables.settings)
         self.client.log_batch(self.parent, params=[Param(k, v) for k, v in params.items()])
         self.folder = Path(config.hydra.sweep.dir)
         if config.ablation.design == "factorial":  # what the design confounds, before anything trains

@@ -136,21 +136,23 @@ def trick_set(run: Any, order: Any = ()) -> tuple[str, ...]:
     return tuple(ordered_tricks(parse_tricks(run.data.tags.get("tricks")), order))
 
 
-def plan(runs, sweep: Any = None) -> tuple[list[str], int | None, dict[str, float]]:
+def settings(runs, sweep: Any = None) -> tuple[list[str], int | None, dict[str, float]]:
     """(trick order, a factorial's fraction, the slide's numbers) a table is built with: the sweep run's own
-    (identity.plan_params), else those of the newest run that logged them (a single run; --sweep all)."""
+    (identity.table_params), else those of the first run that logged them (a single run's; with --sweep all,
+    the newest run's)."""
     params = next((p for p in [sweep and sweep.data.params, *(r.data.params for r in runs)]
                    if p and "ablation.order" in p), {})
     if not params:
         return [], None, {}
     slide = {k.split(".")[-1]: float(v) for k, v in params.items() if k.startswith("ablation.slide.")}
-    return list(ast.literal_eval(params["ablation.order"])), ast.literal_eval(params.get("ablation.fraction", "None")), slide
+    fraction = ast.literal_eval(params.get("ablation.fraction", "None"))
+    return list(ast.literal_eval(params["ablation.order"])), fraction, slide
 
 
 def build_table(runs, design: str | None = None, sweep: Any = None) -> Table:
     """The table of these job runs: the design given, else the sweep run's (`sweep`, whose params give the trick
-    order: plan), else the runs' commonest; a hand-made sweep's inferred from its trick sets."""
-    order, fraction, slide = plan(runs, sweep)
+    order: settings), else the runs' commonest; a hand-made sweep's inferred from its trick sets."""
+    order, fraction, slide = settings(runs, sweep)
     tried = {frozenset(trick_set(r)) for r in runs}  # every trick set with a run, finished or not
     ignored = [f"{r.info.run_id} [{r.data.tags.get('tricks')} seed {r.data.tags.get('seed')}] {r.info.status}: "
                f"{r.data.tags.get('failure_reason', 'no val_acc logged')}" for r in runs if not counts(r)]

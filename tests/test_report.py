@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats as st
 
 from cifar_ablation.designs import infer_design
-from cifar_ablation.identity import plan_params
+from cifar_ablation.identity import table_params
 from cifar_ablation.report import load_sweep, main, sweep_run
 from cifar_ablation.stats import holm, seeds_to_resolve
 from cifar_ablation.tables import build_table, machine_of, markdown, write_csv
@@ -230,7 +230,7 @@ def test_designs_in_other_orders_read_the_runs_they_reuse_in_their_own(store):
     def sweep(design: str, order: list[str]) -> str:
         run = client.create_run(exp, tags={ROLE: SWEEP, "design": design}).info.run_id
         client.set_tag(run, "sweep_id", run)
-        for k, v in plan_params({"order": order, "fraction": None, "slide": {}}).items():
+        for k, v in table_params({"order": order, "fraction": None, "slide": {}}).items():
             client.log_param(run, k, v)
         return run
 

@@ -1,4 +1,4 @@
-"""One Hydra job: validate, claim its MLflow run (skip / resume / create), train, close the run.
+"""One Hydra job: validate, claim its MLflow run (skip / join a live twin / resume / create), train, close the run.
 
 job_steps() is the job as a generator (train.training() inside its MLflow run): run_job() runs it straight
 through, as every launcher but one does; the streams launcher (streams.py) interleaves several jobs' generators in
@@ -33,6 +33,10 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(f"error: {e}") from None
 
 
+class AlreadyRunning(UserError):
+    """Another live process is training this very config (a single run; a sweep's job joins that run instead)."""
+
+
 def run_job(cfg: DictConfig) -> float | None:
     from .train import run_through
 
@@ -51,7 +55,7 @@ def job_steps(cfg: DictConfig):
     import torch
 
     from .data import load_images
-    from .jobrun import SKIP, claim, job_run, join_sweep
+    from .jobrun import claim, job_run
     from .lineage import log_datasets, log_or_warn
     from .steps import device_tags
     from .tracking import open_experiment
@@ -59,11 +63,8 @@ def job_steps(cfg: DictConfig):
 
     tricks = ordered_tricks(cfg.trick, cfg.ablation.order)
     client, exp_id = open_experiment(cfg)  # made by the launcher's callback already: a lookup here
-    c = claim(cfg, client, exp_id)  # skip, resume or create; a live twin raises AlreadyRunning
-    if c.action == SKIP:
-        log.info("skipping %s seed %s: FINISHED run %s already holds this config (force=true re-runs it)",
-                 tricks or "baseline", cfg.seed, c.run.info.run_id)
-        join_sweep(client, c.run.info.run_id, moved=False)  # the sweep's report still shows it
+    c = claim(cfg, client, exp_id)  # skip, refuse (a live twin), resume or create
+    if reused(c, f"{','.join(tricks) or 'baseline'} seed {cfg.seed}", client):
         return c.run.data.metrics.get("val_acc")
     with job_run(cfg, tricks, client, exp_id, c) as run:
         images = load_images(cfg.data)
@@ -92,3 +93,32 @@ def job_steps(cfg: DictConfig):
             run.flush()  # the last epoch's metrics, which the model takes over
             log_or_warn(run, cfg.mlflow.tracking_uri, exp_id, net, images, cfg.train.epochs)
     return metrics["val_acc"]
+
+
+def reused(c, name: str, client) -> bool:
+    """Whether an earlier run answers the job `name`: a FINISHED run of its config (skipped), or, in a sweep, the
+    run a live process is training it in (refused: the sweep's end waits for it, sweep.SweepTracking). Either
+    joins the sweep being launched, whose report shows it. Outside a sweep a live twin stops the job."""
+    from .jobrun import REFUSE, SKIP, join_sweep
+    from .tracking import PARENT_ENV
+
+    if c.action == REFUSE and not os.environ.get(PARENT_ENV):
+        raise AlreadyRunning(f"{held_by(c.run)}; wait for it, or, if that process is gone, start a new run with "
+                             "force=true")
+    if c.action == SKIP:
+        log.info("skipping %s: FINISHED run %s already holds this config (force=true re-runs it)", name,
+                 c.run.info.run_id)
+    elif c.action == REFUSE:
+        log.warning("not training %s: %s; its run joins this sweep, which waits for it at its end", name,
+                    held_by(c.run))
+    else:
+        return False
+    join_sweep(client, c.run.info.run_id, moved=False)
+    return True
+
+
+def held_by(run) -> str:
+    """Who trains a refused claim's config: '... is being trained right now by another process (run, pid, host)'."""
+    tags = run.data.tags
+    return (f"config {tags.get('config_hash')} is being trained right now by another process (run "
+            f"{run.info.run_id}, pid {tags.get('pid')} on {tags.get('host')})")

@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 SKIP, REFUSE, RESUME, CREATE = "skip", "refuse", "resume", "create"
 
 
-class AlreadyRunning(RuntimeError):
-    """Another live process is training this very config."""
-
-
 @dataclass(frozen=True)
 class Claim:
     action: str        # SKIP | REFUSE | RESUME | CREATE
@@ -67,17 +63,11 @@ def claim_run(earlier: list, me: dict[str, str], force: bool, alive: Callable[[A
 
 def claim(cfg: DictConfig, client: MlflowClient, exp_id: str) -> Claim:
     """claim_run over this config's earlier runs in the store (those tagged with its hash as older versions
-    computed it too: identity.hashes); a refusal raises AlreadyRunning."""
+    computed it too: identity.hashes)."""
     found = {r.info.run_id: r for h in dict.fromkeys(hashes(cfg)) for r in client.search_runs(
         [exp_id], f"tags.config_hash = '{h}' and tags.`{ROLE}` = '{JOB}'", order_by=["attributes.start_time DESC"])}
     earlier = sorted(found.values(), key=lambda r: r.info.start_time, reverse=True)
-    c = claim_run(earlier, owner(), cfg.force, process_alive)
-    if c.action == REFUSE:
-        tags = c.run.data.tags
-        raise AlreadyRunning(f"config {tags.get('config_hash')} is being trained right now by another process "
-                             f"(run {c.run.info.run_id}, pid {tags.get('pid')} on {tags.get('host')}); wait for it, "
-                             "or, if that process is gone, start a new run with force=true")
-    return c
+    return claim_run(earlier, owner(), cfg.force, process_alive)
 
 
 class JobRun:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .progress import Progress
 
 log = logging.getLogger("cifar_ablation.sweep")
+WAIT_POLL_S = 5.0  # how often a sweep at its end looks whether the runs another process trains for it ended
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # launchers whose jobs run on this machine: another (SLURM's, through submitit) may train them where there is a
 # GPU and this machine, a login node, has none
@@ -186,17 +187,44 @@ class SweepTracking(Callback):
             self.progress.poll()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.close()
-
-    def close(self, interrupted: bool = False) -> None:
-        """FINISHED when every job finished; FAILED (interrupted or some job did not finish) otherwise. A Ctrl-C or
-        SIGTERM that comes meanwhile waits until the sweep run is closed (it would leave it RUNNING)."""
         if self.parent is None:
             return
-        with held():
-            self._close(interrupted)
+        try:
+            self._wait_for_others(self.parent)
+        except BaseException:  # a Ctrl-C or SIGTERM while it waits: the sweep ends as stopped
+            self.close(interrupted=True)
+            raise
+        parent, text = self.parent, self.close()
+        if text:  # no job raised, yet some run did not finish: one another sweep was training for it
+            raise SystemExit(f"error: sweep {parent} FAILED: some jobs did not finish ({text}); the same command "
+                             "again resumes them")
 
-    def _close(self, interrupted: bool) -> None:
+    def close(self, interrupted: bool = False) -> str:
+        """FINISHED when every job finished; FAILED (interrupted or some job did not finish) otherwise: then the
+        job states as text. A Ctrl-C or SIGTERM that comes meanwhile waits until the sweep run is closed (it would
+        leave it RUNNING)."""
+        if self.parent is None:
+            return ""
+        with held():
+            return self._close(interrupted)
+
+    def _wait_for_others(self, parent: str) -> None:
+        """Until no run of the sweep is RUNNING in a live process: at its end, such a run is one another process
+        was training when a job of this sweep reached its config (job.reused), and the sweep's state and report
+        hold it once it ends. Ctrl-C stops the wait."""
+        from .tracking import process_alive, sweep_jobs
+
+        exp_id, said = self.client.get_run(parent).info.experiment_id, False
+        while live := [r.info.run_id for r in sweep_jobs(self.client, exp_id, parent)
+                       if r.info.status == "RUNNING" and process_alive(r)]:
+            if not said:
+                log.info("waiting for %d run(s) another process is training for this sweep (%s); Ctrl-C stops "
+                         "waiting, and the sweep ends FAILED with them listed (should that process be gone, "
+                         "force=true trains them anew)", len(live), ", ".join(live))
+                said = True
+            time.sleep(WAIT_POLL_S)
+
+    def _close(self, interrupted: bool) -> str:
         from .tracking import PARENT_ENV
 
         parent, self.parent = self.parent, None
@@ -213,6 +241,7 @@ class SweepTracking(Callback):
         publish(self.client, parent, self.folder / "report", figures=not interrupted)
         self.client.set_terminated(parent, "FINISHED" if ok else "FAILED")
         log.info("sweep run %s %s (jobs: %s)", parent, "FINISHED" if ok else "FAILED", text)
+        return "" if ok else text
 
     def _settle(self, parent: str) -> dict[str, int]:
         """The sweep's job states; a RUNNING job whose process is dead (SIGKILL, OOM) is closed KILLED."""

@@ -105,6 +105,9 @@ def test_sigkill_then_relaunch_resumes_the_same_run_exactly(tmp_path, slow_data,
 
 
 def test_sigterm_and_sigint_leave_the_run_killed(tmp_path, slow_data, tracking_db):
+    """Each signal leaves the run KILLED. Before the SIGTERM, a second terminal launches the very same config:
+    alone, it stops with one error line; as a sweep's job (in another trick order, which names the same config),
+    it joins the running run, and the sweep waits for it at its end, then ends FAILED saying it did not finish."""
     db = tracking_db
     for sig in (signal.SIGTERM, signal.SIGINT):
         args = [*SLOW, *slow_data, "train.epochs=50", f"mlflow.tracking_uri=sqlite:///{db}",
@@ -113,13 +116,23 @@ def test_sigterm_and_sigint_leave_the_run_killed(tmp_path, slow_data, tracking_d
         wait_for(proc, "epoch 1/50")
         if sig == signal.SIGTERM:  # meanwhile, someone launches the very same config
             twin = run_cli(args, tmp_path)
-            assert twin.returncode != 0 and "is being trained right now by another process" in twin.stderr
+            assert twin.returncode != 0 and "Traceback" not in twin.stderr, twin.stderr[-3000:]
+            assert twin.stderr.strip().splitlines()[-1].startswith("error: config ") and \
+                "is being trained right now by another process" in twin.stderr
+            sweep = start(["-m", *args, "ablation.order=[flip,noise]"], tmp_path)
+            wait_for(sweep, "waiting for 1 run(s) another process is training for this sweep")
             assert proc.poll() is None  # the first run goes on undisturbed
         proc.send_signal(sig)
         assert proc.wait(timeout=60) != 0
-        _, runs = runs_in(db, sig.name)
-        assert [r.info.status for r in runs] == ["KILLED"], sig.name
-        assert "interrupted by signal" in runs[0].data.tags["failure_reason"]
+        client, runs = runs_in(db, sig.name)
+        (run,) = [r for r in runs if r.data.tags[ROLE] == JOB]
+        assert run.info.status == "KILLED" and "interrupted by signal" in run.data.tags["failure_reason"], sig.name
+        if sig == signal.SIGTERM:  # the sweep's wait ends with the run
+            out, _ = sweep.communicate(timeout=120)
+            (parent,) = [r for r in runs_in(db, sig.name)[1] if r.data.tags[ROLE] == SWEEP]
+            assert sweep.returncode != 0 and parent.info.status == "FAILED", out[-3000:]
+            assert f"error: sweep {parent.info.run_id} FAILED: some jobs did not finish (KILLED: 1)" in out
+            assert client.get_run(run.info.run_id).data.tags[f"in_sweep.{parent.info.run_id}"] == "1"
 
 
 def test_diverging_job_fails_with_reason_and_the_sweep_goes_on(tmp_path, imagefolder, capsys, tracking_db):

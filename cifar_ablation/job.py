@@ -64,8 +64,8 @@ def job_steps(cfg: DictConfig):
     tricks = ordered_tricks(cfg.trick, cfg.ablation.order)
     client, exp_id = open_experiment(cfg)  # made by the launcher's callback already: a lookup here
     c = claim(cfg, client, exp_id)  # skip, refuse (a live twin), resume or create
-    if reused(c, f"{','.join(tricks) or 'baseline'} seed {cfg.seed}", client):
-        return c.run.data.metrics.get("val_acc")
+    if reused(c, f"{','.join(tricks) or 'baseline'} seed {cfg.seed}", client):  # its final val_acc (a live one: none)
+        return c.run.data.metrics.get("val_acc") if c.run.info.status == "FINISHED" else None
     with job_run(cfg, tricks, client, exp_id, c) as run:
         images = load_images(cfg.data)
         job_num = OmegaConf.select(HydraConfig.get(), "job.num", default=0)  # unset outside a multirun

@@ -197,7 +197,7 @@ class SweepTracking(Callback):
         parent, text = self.parent, self.close()
         if text:  # no job raised, yet some run did not finish: one another sweep was training for it
             raise SystemExit(f"error: sweep {parent} FAILED: some jobs did not finish ({text}); the same command "
-                             "again resumes them")
+                             "again resumes or retrains them")
 
     def close(self, interrupted: bool = False) -> str:
         """FINISHED when every job finished; FAILED (interrupted or some job did not finish) otherwise: then the
